@@ -1,0 +1,3 @@
+from partitioner.cli import main
+
+main()

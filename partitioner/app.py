@@ -1,0 +1,138 @@
+"""Attaching Partitioner to a Celery app: routes, queues and the settings that keep tasks safe."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from celery import Celery
+from kombu import Queue
+
+from partitioner import embedded
+from partitioner.routing import Router, declare_queues
+from partitioner.settings import Origins, Settings, load_settings, mask_url
+from partitioner.topology import Topology
+
+log = logging.getLogger(__name__)
+
+# Set by `partitioner launch` in each worker it starts: the worker's node name.
+WORKER_ENV = "PARTITIONER_WORKER"
+
+
+@dataclass
+class Partitioner:
+    """What `attach` installed on an app: its settings, topology, queues and router."""
+
+    app: Celery
+    settings: Settings
+    topology: Topology
+    queues: dict[str, Queue]
+    router: Router
+    broker_url: str | None
+
+    @property
+    def broker_is_redis(self) -> bool:
+        """True when the broker speaks the Redis protocol (Redis, Valkey, embedded)."""
+        return is_redis_url(self.broker_url or self.app.conf.broker_url)
+
+
+def attach(
+    app: Celery, settings: Settings | None = None, origins: Origins | None = None
+) -> Partitioner:
+    """Install Partitioner's routing and queues on `app` and return what was installed.
+
+    With no `settings`, they are read from `PARTITIONER_CONFIG`, `.env` and `PARTITIONER_*`
+    variables. Raises `SettingsError` naming any bad setting before anything is changed.
+    """
+    if settings is None:
+        settings, origins = load_settings()
+    topology = Topology.from_settings(settings, origins)
+    queues = declare_queues(topology)
+    router = Router(topology, queues)
+    broker_url = settings.broker_url or embedded.discover(settings.state_dir)
+
+    app.conf.update(_celery_settings(topology, queues, router, broker_url))
+    worker = os.environ.get(WORKER_ENV)
+    if worker:
+        app.conf.update(_worker_settings(app, worker, broker_url or app.conf.broker_url))
+        from partitioner import observe  # registers the workers' remote command
+
+        observe.register()
+
+    partitioner = Partitioner(app, settings, topology, queues, router, broker_url)
+    app.partitioner = partitioner
+    log.debug("attached to %s: broker %s", app.main, mask_url(broker_url))
+    return partitioner
+
+
+def partitioner_of(app: Celery) -> Partitioner:
+    """The `Partitioner` attached to `app`; raises if `attach` was never called on it."""
+    from partitioner.errors import PartitionerError
+
+    found = getattr(app, "partitioner", None)
+    if not isinstance(found, Partitioner):
+        raise PartitionerError(
+            f"Celery app {app.main!r} has no partitioner attached; call "
+            "partitioner.attach(app) in the module that creates it"
+        )
+    return found
+
+
+def is_redis_url(url: str | None) -> bool:
+    """True for URLs of the Redis transport."""
+    return bool(url) and urlsplit(str(url)).scheme.startswith(("redis", "rediss"))
+
+
+def _celery_settings(
+    topology: Topology, queues: dict[str, Queue], router: Router, broker_url: str | None
+) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "task_queues": list(queues.values()),
+        "task_routes": (router,),
+        # JSON only: a broker message must never be able to run pickle on a worker.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # A task is acknowledged after it ran, and re-queued when its process dies.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "broker_connection_retry_on_startup": True,
+    }
+    if topology.default is not None:
+        conf["task_default_queue"] = topology.default.queue
+    if broker_url:
+        conf["broker_url"] = broker_url
+    return conf
+
+
+def _worker_settings(app: Celery, worker: str, broker_url: str | None) -> dict[str, Any]:
+    partition = worker.split("@", 1)[0]
+    conf: dict[str, Any] = {
+        "worker_log_format": f"[%(asctime)s: %(levelname)s/{partition}/%(processName)s] "
+        "%(message)s",
+        "worker_task_log_format": f"[%(asctime)s: %(levelname)s/{partition}/%(processName)s] "
+        "%(task_name)s[%(task_id)s]: %(message)s",
+    }
+    if is_redis_url(broker_url):
+        # NOTE: kombu keeps unacknowledged Redis messages in one hash per key name and gives
+        # them back only after visibility_timeout (1 h). A key per worker lets the launcher
+        # give back a dead worker's tasks the moment it restarts it; a worker whose host
+        # never returns still waits for visibility_timeout.
+        options = dict(app.conf.broker_transport_options or {})
+        conf["broker_transport_options"] = options | unacked_keys(worker)
+    return conf
+
+
+def unacked_keys(worker: str) -> dict[str, str]:
+    """kombu transport options that keep `worker`'s unacknowledged messages apart."""
+    return {
+        "unacked_key": f"unacked:{worker}",
+        "unacked_index_key": f"unacked_index:{worker}",
+        "unacked_mutex_key": f"unacked_mutex:{worker}",
+    }

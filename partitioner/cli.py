@@ -1,0 +1,203 @@
+"""The `partitioner` command: check, route, launch, status and demo."""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+from celery import Celery
+
+from partitioner.errors import (
+    BrokerError,
+    LaunchError,
+    PartitionerError,
+    RoutingError,
+    SettingsError,
+)
+from partitioner.settings import CONFIG_ENV, Origins, Settings, load_settings, mask_url
+from partitioner.topology import Topology
+
+
+class Exit(enum.IntEnum):
+    """Exit codes, so that scripts can tell failures apart."""
+
+    OK = 0
+    USAGE = 2
+    SETTINGS = 3
+    ROUTING = 4
+    LAUNCH = 5
+    BROKER = 6
+    INTERRUPTED = 130
+
+
+EXIT_FOR: list[tuple[type[PartitionerError], Exit]] = [
+    (SettingsError, Exit.SETTINGS),
+    (RoutingError, Exit.ROUTING),
+    (LaunchError, Exit.LAUNCH),
+    (BrokerError, Exit.BROKER),
+]
+
+
+def _settings(ctx: click.Context) -> tuple[Settings, Origins]:
+    if "settings" not in ctx.obj:
+        ctx.obj["settings"] = load_settings(ctx.obj["config"])
+    found: tuple[Settings, Origins] = ctx.obj["settings"]
+    return found
+
+
+@click.group(
+    epilog="""\b
+Example:
+  partitioner --config config/partitioner.toml check
+  partitioner --config config/partitioner.toml launch --app workers.app:app
+  partitioner status --json
+"""
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar=CONFIG_ENV,
+    help=f"TOML settings file (or set {CONFIG_ENV}).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines.")
+@click.pass_context
+def cli(ctx: click.Context, config: Path | None, verbose: bool) -> None:
+    """Partitioner: bulkheads for Celery.
+
+    Settings come from the TOML file, `.env` and PARTITIONER_* environment variables
+    (nested with __, e.g. PARTITIONER_PARTITIONS__PAYMENT__MAX=3); the environment wins.
+    """
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if config is not None:
+        # Exported so that the app module's attach() and every worker read the same file.
+        os.environ[CONFIG_ENV] = str(config.resolve()) if config.exists() else str(config)
+    ctx.obj = {"config": config}
+
+
+@cli.command()
+@click.pass_context
+def check(ctx: click.Context) -> None:
+    """Validate the settings and print the partitions, queues, limits and budget."""
+    settings, origins = _settings(ctx)
+    topology = Topology.from_settings(settings, origins)
+    click.echo(f"broker: {mask_url(settings.broker_url)}")
+    click.echo(f"budget: {topology.budget}")
+    header = ("partition", "tasks", "queues", "min", "conc", "max", "pool", "prefetch")
+    rows = [
+        (
+            p.name,
+            ",".join(p.patterns) or "(unmatched)",
+            ",".join(p.queues),
+            str(p.min),
+            str(p.concurrency),
+            str(p.max),
+            p.pool,
+            str(p.prefetch),
+        )
+        for p in topology.partitions
+    ]
+    click.echo(_table(header, rows))
+    click.echo("settings are valid")
+
+
+@cli.command()
+@click.argument("task_name")
+@click.pass_context
+def route(ctx: click.Context, task_name: str) -> None:
+    """Say which partition and queue TASK_NAME goes to."""
+    settings, origins = _settings(ctx)
+    found = Topology.from_settings(settings, origins).route(task_name)
+    why = f"pattern {found.pattern!r}" if found.pattern else "no pattern matched: default"
+    click.echo(f"{task_name} -> partition {found.partition.name}, queue {found.queue} ({why})")
+
+
+@cli.command()
+@click.option("--app", "app_spec", required=True, help="The Celery app, as MODULE:ATTR.")
+@click.option("--hostname", default=None, help="Host part of worker names (default: this host).")
+@click.option("--loglevel", default="info", show_default=True, help="Workers' log level.")
+@click.option(
+    "--log-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write each partition's worker output to DIR/<partition>.log instead of here.",
+)
+@click.pass_context
+def launch(
+    ctx: click.Context, app_spec: str, hostname: str | None, loglevel: str, log_dir: Path | None
+) -> None:
+    """Run one worker per partition, restart those that die, until SIGTERM or Ctrl-C.
+
+    With no PARTITIONER_BROKER_URL, an embedded server is started in the state folder and
+    stopped on exit. Example: partitioner launch --app workers.app:app
+    """
+    from partitioner.launch import launch as run_launch
+
+    _settings(ctx)  # all settings are checked before any process starts
+    ctx.exit(run_launch(app_spec, host=hostname, loglevel=loglevel, log_dir=log_dir))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for workers.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
+    """Show each partition's queues, backlog, concurrency and limits."""
+    from partitioner.app import attach
+    from partitioner.observe import observe
+
+    settings, origins = _settings(ctx)
+    app = Celery("partitioner-status", set_as_current=False)
+    observations = observe(attach(app, settings, origins), timeout_s=timeout)
+    if as_json:
+        click.echo(json.dumps({"partitions": [o.as_dict() for o in observations]}, indent=2))
+        return
+    header = ("partition", "queues", "waiting", "reserved", "running", "backlog", "conc", "limits")
+    rows = [
+        (
+            o.name,
+            ",".join(o.queues),
+            str(o.waiting),
+            str(o.reserved),
+            str(o.running),
+            str(o.backlog),
+            str(o.concurrency) if o.workers else "-",
+            f"{o.min}..{o.max}",
+        )
+        for o in observations
+    ]
+    click.echo(_table(header, rows))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip()
+        for row in (header, *rows)
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the command, turning Partitioner errors into one line and a code."""
+    try:
+        code = cli.main(args=argv, prog_name="partitioner", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(Exit.USAGE)
+    except click.Abort:
+        sys.exit(Exit.INTERRUPTED)
+    except PartitionerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(next((c for kind, c in EXIT_FOR if isinstance(exc, kind)), Exit.LAUNCH))
+    sys.exit(code if isinstance(code, int) else Exit.OK)

@@ -1,0 +1,29 @@
+"""The exceptions Partitioner raises: one root, a branch per subsystem."""
+
+from __future__ import annotations
+
+
+class PartitionerError(Exception):
+    """Root of every error Partitioner raises on purpose."""
+
+
+class SettingsError(PartitionerError, ValueError):
+    """Settings are invalid; the message names each setting and its source."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {problem}" for problem in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"invalid settings ({len(problems)} {noun}):\n{lines}")
+
+
+class RoutingError(PartitionerError):
+    """A task name cannot be routed to exactly one partition."""
+
+
+class LaunchError(PartitionerError):
+    """Workers or the embedded server could not be started."""
+
+
+class BrokerError(PartitionerError):
+    """The broker cannot be reached or answered unexpectedly."""

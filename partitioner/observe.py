@@ -1,0 +1,141 @@
+"""Observing partitions: backlog (waiting + reserved + running) and pool sizes, on any broker.
+
+Waiting messages are counted by the broker itself: a queue declaration answers with the
+message count, and on Redis kombu adds up the extra list it keeps per message priority.
+Reserved (prefetched) and running tasks are invisible to the broker's count, so every
+partition worker answers one remote-control command with its own figures.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from partitioner.app import WORKER_ENV, Partitioner
+from partitioner.errors import BrokerError
+from partitioner.settings import mask_url
+
+COMMAND = "partitioner_observe"
+BROKER_TIMEOUT_S = 5.0
+
+
+@dataclass
+class PartitionObservation:
+    """One partition's figures at one moment."""
+
+    name: str
+    queues: dict[str, int]
+    min: int
+    max: int
+    reserved: int = 0
+    running: int = 0
+    concurrency: int = 0
+    workers: list[str] = field(default_factory=list)
+
+    @property
+    def waiting(self) -> int:
+        """Messages in the partition's queues that no worker has fetched yet."""
+        return sum(self.queues.values())
+
+    @property
+    def backlog(self) -> int:
+        """Tasks waiting, reserved or running."""
+        return self.waiting + self.reserved + self.running
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as plain data, for `status --json`."""
+        return asdict(self) | {"waiting": self.waiting, "backlog": self.backlog}
+
+
+def observe(partitioner: Partitioner, timeout_s: float = 1.0) -> list[PartitionObservation]:
+    """Every partition's backlog and pools, from the broker and the workers' replies."""
+    waiting = waiting_counts(partitioner)
+    observations = {
+        p.name: PartitionObservation(
+            name=p.name,
+            queues={q: waiting.get(q, 0) for q in p.queues},
+            min=p.min,
+            max=p.max,
+        )
+        for p in partitioner.topology.partitions
+    }
+    for report in worker_reports(partitioner, timeout_s):
+        found = observations.get(str(report.get("partition")))
+        if found is None:
+            continue
+        found.workers.append(str(report["worker"]))
+        found.concurrency += int(report["concurrency"])
+        found.reserved += sum(report["reserved"].values())
+        found.running += sum(report["running"].values())
+    return list(observations.values())
+
+
+def waiting_counts(partitioner: Partitioner) -> dict[str, int]:
+    """Messages waiting in each partition queue, by queue name."""
+    app = partitioner.app
+    counts: dict[str, int] = {}
+    try:
+        with app.connection_for_read() as connection:
+            connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_S)
+            channel = connection.default_channel
+            for name, queue in partitioner.queues.items():
+                counts[name] = int(queue.bind(channel).queue_declare().message_count)
+    except connection_errors(app) as exc:
+        raise BrokerError(
+            f"cannot reach the broker at {mask_url(app.conf.broker_url)}: {exc}; is it "
+            "running, and is PARTITIONER_BROKER_URL right?"
+        ) from exc
+    return counts
+
+
+def worker_reports(partitioner: Partitioner, timeout_s: float) -> list[dict[str, Any]]:
+    """The replies of every partition worker to the observe command."""
+    replies = partitioner.app.control.broadcast(COMMAND, reply=True, timeout=timeout_s)
+    reports = []
+    for reply in replies or []:
+        for answer in reply.values():
+            if isinstance(answer, dict) and "partition" in answer:
+                reports.append(answer)
+    return reports
+
+
+def register() -> None:
+    """Register the observe command in this worker process (called by `attach`)."""
+    from celery.worker.control import Panel, inspect_command
+
+    if COMMAND not in Panel.data:
+        inspect_command(name=COMMAND)(_report)
+
+
+def _report(state: Any, **kwargs: Any) -> dict[str, Any]:
+    from celery.worker import state as worker_state
+
+    active = set(worker_state.active_requests)
+    reserved = set(worker_state.reserved_requests) - active
+    pool = state.consumer.pool
+    info = pool.info if pool is not None else {}
+    worker = os.environ.get(WORKER_ENV, state.hostname)
+    return {
+        "worker": worker,
+        "partition": worker.split("@", 1)[0],
+        "concurrency": len(info.get("processes", ())) or int(info.get("max-concurrency", 0)),
+        "running": _by_queue(active),
+        "reserved": _by_queue(reserved),
+    }
+
+
+def _by_queue(requests: Iterable[Any]) -> dict[str, int]:
+    return dict(Counter(str(r.delivery_info.get("routing_key")) for r in requests))
+
+
+def connection_errors(app: Any) -> tuple[type[BaseException], ...]:
+    """The exceptions that mean the broker is unreachable, for `app`'s transport."""
+    with app.connection_for_read() as connection:
+        return (
+            *connection.connection_errors,
+            *connection.channel_errors,
+            OSError,
+        )

@@ -1,0 +1,52 @@
+"""Routing through Celery's router extension point: task name → partition → queue."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from kombu import Exchange, Queue
+
+from partitioner.errors import RoutingError
+from partitioner.topology import Topology
+
+# Celery's own tasks (chord_unlock, backend_cleanup, ...) go where Celery sends them unless a
+# partition claims them by an explicit pattern.
+CELERY_BUILTIN_PREFIX = "celery."
+
+
+def declare_queues(topology: Topology) -> dict[str, Queue]:
+    """One durable kombu queue per partition queue, on a direct exchange of the same name."""
+    return {
+        name: Queue(name, Exchange(name, type="direct"), routing_key=name)
+        for name in topology.queues
+    }
+
+
+class Router:
+    """A Celery router that sends each task to its partition's queue.
+
+    A task that matches no partition raises `RoutingError` out of `apply_async`, so that a
+    task is never published to a queue no worker consumes.
+    """
+
+    def __init__(self, topology: Topology, queues: Mapping[str, Queue]) -> None:
+        self.topology = topology
+        self.queues = queues
+
+    def __call__(
+        self,
+        name: str,
+        args: Any,
+        kwargs: Any,
+        options: Mapping[str, Any],
+        task: Any = None,
+        **kw: Any,
+    ) -> dict[str, Any] | None:
+        try:
+            route = self.topology.route(name)
+        except RoutingError:
+            if name.startswith(CELERY_BUILTIN_PREFIX):
+                return None
+            raise
+        return {"queue": self.queues[route.queue]}

@@ -1,0 +1,313 @@
+"""Typed settings: TOML file, `.env` and `PARTITIONER_*` variables, validated up front.
+
+Precedence, highest first: keyword arguments to `load_settings`, environment variables
+(`PARTITIONER_*`, nested with `__`), the `.env` file, the TOML file named by `--config` or
+`PARTITIONER_CONFIG`, then the defaults below. Every error names the setting and where its
+value came from, so that a user knows which file or variable to edit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pydantic_settings import (
+    SettingsError as PydanticSettingsError,
+)
+
+from partitioner.errors import SettingsError
+
+ENV_PREFIX = "PARTITIONER_"
+CONFIG_ENV = "PARTITIONER_CONFIG"
+# Set by `partitioner launch` for the worker processes it starts; not user settings.
+INTERNAL_ENV = {"PARTITIONER_CONFIG", "PARTITIONER_WORKER"}
+BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
+PartitionName = re.compile(r"^[a-z][a-z0-9_]*$")
+Loc = tuple[str | int, ...]
+
+_config_file: ContextVar[Path | None] = ContextVar("partitioner_config_file", default=None)
+
+
+class PartitionSettings(BaseModel):
+    """One partition: the tasks it owns, its queues, its limits and its pool."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tasks: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Glob patterns of task names this partition owns, e.g. ['shop.payment.*'].",
+    )
+    queues: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Queues the partition's pool consumes; default: one named after the partition.",
+    )
+    min: PositiveInt = Field(1, description="Lowest concurrency the partition may have. Default 1.")
+    max: PositiveInt | None = Field(
+        None, description="Highest concurrency the partition may have. Default: `concurrency`."
+    )
+    concurrency: PositiveInt | None = Field(
+        None, description="Concurrency the pool starts with. Default: `min`."
+    )
+    prefetch: PositiveInt = Field(
+        1, description="Messages each pool process reserves ahead (Celery prefetch multiplier)."
+    )
+    pool: Literal["prefork", "threads", "solo"] = Field(
+        "prefork", description="Celery pool type of the partition's worker."
+    )
+
+    @field_validator("tasks", "queues", mode="before")
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        # Environment variables carry lists as "a,b" as readily as JSON.
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("tasks", "queues")
+    @classmethod
+    def _no_blank_names(cls, value: list[str]) -> list[str]:
+        if any(not item.strip() for item in value):
+            raise ValueError("names and patterns must not be blank")
+        return value
+
+    @property
+    def initial(self) -> int:
+        """The concurrency the pool starts with."""
+        return self.concurrency if self.concurrency is not None else self.min
+
+    @property
+    def ceiling(self) -> int:
+        """The highest concurrency the partition may reach."""
+        return self.max if self.max is not None else max(self.initial, self.min)
+
+
+class Settings(BaseSettings):
+    """All of Partitioner's settings. See `config/partitioner.toml` for a worked example."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="forbid",
+        frozen=True,
+    )
+
+    broker_url: str | None = Field(
+        None,
+        description="Broker URL (redis://, rediss://, amqp://). Unset: the embedded server.",
+    )
+    budget: PositiveInt | None = Field(
+        None,
+        description="Total concurrency all partitions on a host may use. Default: sum of max.",
+    )
+    state_dir: Path = Field(
+        Path(".partitioner"),
+        description="Folder for the embedded server's files and the launcher's state.",
+    )
+    shutdown_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a warm shutdown waits for running tasks before a cold one. 60.",
+    )
+    partitions: dict[str, PartitionSettings] = Field(
+        default_factory=dict, description="The partitions, by name."
+    )
+
+    @field_validator("broker_url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = urlsplit(value).scheme
+        if scheme not in BROKER_SCHEMES:
+            known = ", ".join(f"{s}://" for s in BROKER_SCHEMES)
+            raise ValueError(f"unsupported scheme {scheme or '(none)'!r}; use one of {known}")
+        return value
+
+    @field_validator("partitions")
+    @classmethod
+    def _partition_names(cls, value: dict[str, PartitionSettings]) -> dict[str, PartitionSettings]:
+        for name in value:
+            if not PartitionName.match(name):
+                raise ValueError(
+                    f"partition name {name!r} must be lowercase letters, digits and '_', "
+                    "starting with a letter (it is also an environment variable part)"
+                )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get())
+        return init_settings, env_settings, dotenv_settings, toml
+
+
+def mask_url(url: str | None) -> str:
+    """The URL with its password replaced by `***`, fit for logs and output."""
+    if not url:
+        return "(embedded server)"
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class Origins:
+    """Where each setting's value came from, to name it in error messages."""
+
+    def __init__(self, layers: list[tuple[str, Mapping[str, Any]]]) -> None:
+        self._layers = layers
+
+    def of(self, loc: Loc) -> str:
+        """A phrase like 'from environment variable PARTITIONER_BUDGET' for a setting."""
+        for label, data in self._layers:
+            if _lookup(data, loc) is not _MISSING:
+                if label in ("environment", ".env"):
+                    where = "environment variable" if label == "environment" else ".env entry"
+                    return f"from {where} {env_name(loc)}"
+                return f"from {label}"
+        return "default"
+
+
+def env_name(loc: Loc) -> str:
+    """The environment variable that sets the setting at `loc`."""
+    return ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+
+
+def setting_name(loc: Loc) -> str:
+    """The dotted name of a setting, as in the TOML file: `partitions.payment.max`."""
+    return ".".join(str(part) for part in loc) or "(settings)"
+
+
+_MISSING = object()
+
+
+def _lookup(data: Mapping[str, Any], loc: Loc) -> Any:
+    node: Any = data
+    for part in loc:
+        if isinstance(node, Mapping) and str(part).lower() in {str(k).lower() for k in node}:
+            node = next(v for k, v in node.items() if str(k).lower() == str(part).lower())
+        else:
+            return _MISSING
+    return node
+
+
+@contextmanager
+def _using_config(path: Path | None) -> Iterator[None]:
+    token = _config_file.set(path)
+    try:
+        yield
+    finally:
+        _config_file.reset(token)
+
+
+def config_path(config: str | os.PathLike[str] | None = None) -> Path | None:
+    """The TOML file to read: the explicit one, else `PARTITIONER_CONFIG`, else none."""
+    chosen = config if config is not None else os.environ.get(CONFIG_ENV) or None
+    if chosen is None:
+        return None
+    path = Path(chosen).expanduser()
+    where = "--config" if config is not None else f"environment variable {CONFIG_ENV}"
+    if not path.is_file():
+        raise SettingsError([f"config file {str(path)!r} ({where}) does not exist"])
+    return path.resolve()
+
+
+def load_settings(
+    config: str | os.PathLike[str] | None = None,
+    env_file: str | os.PathLike[str] | None = ".env",
+    **overrides: Any,
+) -> tuple[Settings, Origins]:
+    """Read and validate the settings, with the origin of every value.
+
+    Raises `SettingsError` naming each bad setting and where its value came from.
+    """
+    path = config_path(config)
+    _reject_unknown_variables()
+
+    with _using_config(path):
+        origins = _origins(path, env_file, overrides)
+        try:
+            settings = Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc, origins)) from None
+        except PydanticSettingsError as exc:
+            raise SettingsError([f"{exc} (check PARTITIONER_* variables and .env)"]) from None
+        except (OSError, ValueError) as exc:
+            raise SettingsError([f"config file {str(path)!r} cannot be read: {exc}"]) from None
+    return settings, origins
+
+
+def _origins(path: Path | None, env_file: Any, overrides: Mapping[str, Any]) -> Origins:
+    layers: list[tuple[str, Mapping[str, Any]]] = [("keyword argument", overrides)]
+    try:
+        layers.append(("environment", EnvSettingsSource(Settings)()))
+        layers.append((".env", DotEnvSettingsSource(Settings, env_file=env_file)()))
+    except PydanticSettingsError:
+        pass  # the same error is reported when the settings themselves are built
+    if path is not None:
+        with suppress(ValueError):
+            layers.append((f"config file {path}", TomlConfigSettingsSource(Settings, path)()))
+    return Origins(layers)
+
+
+def _reject_unknown_variables() -> None:
+    # pydantic-settings ignores environment variables that match no field, so a typo like
+    # PARTITIONER_BUGDET would silently do nothing.
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields} | INTERNAL_ENV
+    unknown = sorted(
+        name
+        for name in os.environ
+        if name.startswith(ENV_PREFIX) and name.split("__")[0] not in known
+    )
+    if unknown:
+        names = ", ".join(sorted(known - INTERNAL_ENV))
+        raise SettingsError(
+            [f"unknown setting {name} (environment); known settings: {names}" for name in unknown]
+        )
+
+
+def _describe(exc: ValidationError, origins: Origins) -> list[str]:
+    problems = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting; check its spelling against the settings reference"
+        elif error["type"] == "missing":
+            message = "is required"
+        elif message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        value = error.get("input")
+        if loc[:1] == ("broker_url",) and isinstance(value, str):
+            value = mask_url(value)
+        shown = "" if error["type"] in ("missing", "extra_forbidden") else f" = {value!r}"
+        problems.append(f"{setting_name(loc)}{shown} ({origins.of(loc)}): {message}")
+    return problems
