@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
     DotEnvSettingsSource,
@@ -148,9 +149,13 @@ class Settings(BaseSettings):
     def _partition_names(cls, value: dict[str, PartitionSettings]) -> dict[str, PartitionSettings]:
         for name in value:
             if not PartitionName.match(name):
-                raise ValueError(
-                    f"partition name {name!r} must be lowercase letters, digits and '_', "
-                    "starting with a letter (it is also an environment variable part)"
+                # A custom error carries the name, so that the message points at the one
+                # partition (and its source) rather than at the whole `partitions` table.
+                raise PydanticCustomError(
+                    "partition_name",
+                    "partition name '{name}' must be lowercase letters, digits and '_', "
+                    "starting with a letter (it is also an environment variable part)",
+                    {"name": name},
                 )
         return value
 
@@ -188,12 +193,20 @@ class Origins:
     def of(self, loc: Loc) -> str:
         """A phrase like 'from environment variable PARTITIONER_BUDGET' for a setting."""
         for label, data in self._layers:
-            if _lookup(data, loc) is not _MISSING:
+            value = _lookup(data, loc)
+            if value is not _MISSING:
                 if label in ("environment", ".env"):
                     where = "environment variable" if label == "environment" else ".env entry"
-                    return f"from {where} {env_name(loc)}"
+                    # A table (a partition) is named by the prefix its variables share.
+                    suffix = "__*" if isinstance(value, Mapping) else ""
+                    return f"from {where} {env_name(loc)}{suffix}"
                 return f"from {label}"
-        return "default"
+        # An unset value is a default, but the user needs to know which file or variable
+        # declared the table it belongs to (a partition with no tasks, say).
+        if len(loc) > 1:
+            return f"default; {setting_name(loc[:-1])} {self.of(loc[:-1])}"
+        files = [label for label, _ in self._layers if label.startswith("config file")]
+        return f"default; not set in {files[0]}" if files else "default"
 
 
 def env_name(loc: Loc) -> str:
@@ -299,15 +312,24 @@ def _describe(exc: ValidationError, origins: Origins) -> list[str]:
     for error in exc.errors():
         loc = tuple(error["loc"])
         message = error["msg"]
+        value = error.get("input")
+        where = origins.of(loc)
+        if error["type"] == "partition_name":
+            loc = (*loc, error["ctx"]["name"])
+            where = origins.of(loc)
+        elif error["type"] == "extra_forbidden" and where.startswith("from .env"):
+            # pydantic-settings names an unknown .env entry by its whole name, prefix included.
+            loc = (str(loc[0]).removeprefix(ENV_PREFIX.lower()), *loc[1:])
+            where = f"from .env entry {env_name(loc)}"
         if error["type"] == "extra_forbidden":
             message = "unknown setting; check its spelling against the settings reference"
         elif error["type"] == "missing":
             message = "is required"
         elif message.startswith("Value error, "):
             message = message[len("Value error, ") :]
-        value = error.get("input")
         if loc[:1] == ("broker_url",) and isinstance(value, str):
             value = mask_url(value)
-        shown = "" if error["type"] in ("missing", "extra_forbidden") else f" = {value!r}"
-        problems.append(f"{setting_name(loc)}{shown} ({origins.of(loc)}): {message}")
+        quiet = error["type"] in ("missing", "extra_forbidden", "partition_name")
+        shown = "" if quiet else f" = {value!r}"
+        problems.append(f"{setting_name(loc)}{shown} ({where}): {message}")
     return problems
