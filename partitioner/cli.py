@@ -80,7 +80,10 @@ def cli(ctx: click.Context, config: Path | None, verbose: bool) -> None:
     if config is not None:
         # Exported so that the app module's attach() and every worker read the same file.
         os.environ[CONFIG_ENV] = str(config.resolve()) if config.exists() else str(config)
-    ctx.obj = {"config": config}
+    # A file named by PARTITIONER_CONFIG is left to load_settings, so that its errors name
+    # the variable rather than a --config option the user never typed.
+    from_env = ctx.get_parameter_source("config") is click.core.ParameterSource.ENVIRONMENT
+    ctx.obj = {"config": None if from_env else config}
 
 
 @cli.command()
@@ -175,6 +178,36 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
         for o in observations
     ]
     click.echo(_table(header, rows))
+
+
+@cli.command()
+@click.option(
+    "--duration",
+    type=click.FloatRange(min=3.0),
+    default=40.0,
+    show_default=True,
+    help="Seconds of traffic; startup and shutdown add about 10 s.",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the embedded server and the worker logs (default: settings' state_dir).",
+)
+def demo(duration: float, state_dir: Path | None) -> None:
+    """Run the shop in workers/ under steady traffic, hang payment, and watch the others.
+
+    Starts an embedded server (unless PARTITIONER_BROKER_URL is set), launches the four
+    partitions of config/partitioner.toml, and shows each service's latency live. Run it
+    from the project folder.
+
+    \b
+    Example:
+      partitioner demo --duration 20
+    """
+    from partitioner.demo import run_demo
+
+    run_demo(duration, state_dir)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
