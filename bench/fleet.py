@@ -1,0 +1,166 @@
+"""Worker fleets that a benchmark starts, waits for, settles between phases and stops.
+
+A fleet is one command (a `celery worker` or `partitioner launch`) that brings up a
+known set of Celery nodes. Its output goes to a file so that the benchmark's own output
+stays readable. Stopping always ends every process the fleet started: SIGTERM (a warm
+shutdown) first, then SIGKILL for the whole process tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from celery import Celery
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 0.5
+PING_TIMEOUT_S = 1.0
+PR_SET_PDEATHSIG = 1
+
+
+class FleetError(RuntimeError):
+    """A fleet did not start, settle or stop as expected."""
+
+
+@dataclass
+class Fleet:
+    """One worker command, the Celery app that talks to it, the nodes it brings up."""
+
+    title: str
+    app: Celery
+    nodes: tuple[str, ...]
+    command: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    _output: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self) -> None:
+        """Start the command in its own session, its output going to `log_path`."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._output = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self.command,
+            cwd=self.cwd,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._output,
+            stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C reaches the benchmark only, which stops it.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        pid = self.process.pid
+        log.info("%s: started pid %d, output in %s", self.title, pid, self.log_path)
+
+    def wait_ready(self, timeout_s: float) -> float:
+        """Wait until every node answers a ping; returns the seconds it took."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        missing = set(self.nodes)
+        while time.monotonic() < deadline:
+            self._check_alive()
+            control = self.app.control
+            replies = control.ping(destination=list(self.nodes), timeout=PING_TIMEOUT_S)
+            missing = set(self.nodes) - {name for reply in replies for name in reply}
+            if not missing:
+                return time.monotonic() - started
+        raise FleetError(
+            f"{self.title}: nodes {sorted(missing)} did not answer within "
+            f"{timeout_s:.0f} s; see {self.log_path}"
+        )
+
+    def settle(self, timeout_s: float) -> None:
+        """Purge the fleet's queues, then wait until no node reserves or runs a task."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.app.control.purge()
+            if self.busy_tasks() == 0:
+                return
+            time.sleep(POLL_INTERVAL_S)
+        raise FleetError(f"{self.title}: tasks still running after {timeout_s:.0f} s")
+
+    def busy_tasks(self) -> int:
+        """Tasks reserved or running on the nodes; -1 if a node did not answer."""
+        control = self.app.control
+        inspect = control.inspect(destination=list(self.nodes), timeout=PING_TIMEOUT_S)
+        active = inspect.active() or {}
+        reserved = inspect.reserved() or {}
+        if set(active) != set(self.nodes) or set(reserved) != set(self.nodes):
+            return -1
+        return sum(len(tasks) for tasks in (*active.values(), *reserved.values()))
+
+    def stop(self, timeout_s: float) -> None:
+        """Warm shutdown, then SIGKILL to the whole tree after `timeout_s`."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s: still up after %.0f s: killing it", self.title, timeout_s)
+        if process is not None:
+            _kill_tree(process.pid)
+            process.wait()
+        if self._output is not None:
+            self._output.close()
+            self._output = None
+        self.process = None
+
+    def _check_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            raise FleetError(f"{self.title}: the command exited; see {self.log_path}")
+
+
+def _kill_tree(pid: int) -> None:
+    # The launcher starts each partition's worker in a session of its own, so killing
+    # the process group is not enough: walk /proc for every descendant first.
+    victims = [pid, *_descendants(pid)]
+    for victim in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            parent = _parent_of(entry)
+            if parent is not None:
+                children.setdefault(parent, []).append(int(entry.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _parent_of(proc_entry: Path) -> int | None:
+    try:
+        stat = (proc_entry / "stat").read_text()
+    except OSError:
+        return None
+    # The command name in parentheses may hold spaces; the fields after it are fixed.
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _die_with_parent() -> None:
+    # If the benchmark is killed outright, its fleet gets SIGTERM instead of running on.
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass

@@ -1,0 +1,369 @@
+"""Scenario "isolation": does one service's hanging dependency starve the others?
+
+Two layouts of the reference shop run one after the other on one Redis database:
+
+- stock Celery: one shared queue and one worker with a prefork pool of 4 processes;
+- Partitioner: `partitioner launch` with `config/partitioner.toml` (a partition of
+  concurrency 1 per service, budget 4).
+
+Each layout runs two phases, after a short unmeasured warm-up:
+
+- no fault: steady 20 ms tasks to order, inventory and notification, 10 a second
+  each, for 15 s;
+- fault: payment's dependency hangs (every payment task blocks 5 s) and a burst of 100
+  payment tasks arrives, then the same steady traffic runs.
+
+Per service it measures, from the shop's completion ledger, the tasks completed within
+the window (the 15 s of traffic plus a 1 s grace) out of those sent, and the p50 and
+p99 of `done_at - sent_at`. Partitioner's target: under the fault, each healthy
+service completes 100 % of its tasks and keeps its p99 at most 1.5x its p99 without.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from argparse import Namespace
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import celery
+import kombu
+import redis
+
+from bench import layouts, report
+from bench.fleet import Fleet, FleetError
+from bench.measure import ServiceResult, measure
+from bench.traffic import Sent, burst, steady
+from partitioner import PartitionerError, load_settings
+from partitioner.topology import Topology
+from workers import control
+from workers.faults import Fault, set_fault
+
+log = logging.getLogger("bench.isolation")
+
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/12"
+# Relative to the repository's root when not given; given paths are relative to the cwd.
+CONFIG_REL = Path("config") / "partitioner.toml"
+OUTPUT_REL = Path("bench") / "results" / "isolation.json"
+HEALTHY = ("order", "inventory", "notification")
+FAULTY = "payment"
+TARGET_COMPLETED_PCT = 100.0
+TARGET_P99_RATIO = 1.5
+READY_TIMEOUT_S = 60.0
+SETTLE_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+PHASES = ("no fault", "fault")
+
+OPTIONS: list[tuple[str, type, object, str]] = [
+    ("--broker", str, DEFAULT_BROKER_URL, "Redis URL; the database is FLUSHED first"),
+    ("--duration", float, 15.0, "seconds of steady traffic per phase"),
+    ("--rate", float, 10.0, "tasks a second to each healthy service"),
+    ("--work-ms", float, 20.0, "milliseconds one healthy task works"),
+    ("--burst", int, 100, "payment tasks sent as the fault starts"),
+    ("--hang", float, 5.0, "seconds each payment task blocks under the fault"),
+    ("--grace", float, 1.0, "seconds after the window a task may still end"),
+    ("--warmup", float, 2.0, "seconds of unmeasured traffic before the phases"),
+    ("--layouts", str, "stock,partitioner", "comma-separated layouts to run"),
+    ("--loglevel", str, "info", "workers' log level (their output goes to files)"),
+]
+
+EPILOG = """\
+example:
+  scripts/bench                                  # the full run, about 1.5 minutes
+  python -m bench.isolation --duration 5 --layouts partitioner
+"""
+
+
+@dataclass
+class LayoutResult:
+    """One layout's figures: how long its workers took to answer, and each phase."""
+
+    key: str
+    title: str
+    ready_s: float = 0.0
+    phases: dict[str, list[ServiceResult]] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str] | None) -> Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.isolation",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    for flag, kind, default, text in OPTIONS:
+        add(flag, type=kind, default=default, help=f"{text} (%(default)s)")
+    add("--config", type=Path, help=f"Partitioner settings ({CONFIG_REL})")
+    add("--output", type=Path, help=f"JSON results file ({OUTPUT_REL})")
+    add("--keep-logs", action="store_true", help="keep the workers' log files")
+    args = parser.parse_args(argv)
+
+    chosen = [name.strip() for name in args.layouts.split(",") if name.strip()]
+    unknown = sorted(set(chosen) - set(layouts.LAYOUTS))
+    if unknown or not chosen:
+        parser.error(f"--layouts: unknown {unknown}; use stock, partitioner or both")
+    if not args.broker.startswith(("redis://", "rediss://")):
+        parser.error("--broker must be a redis:// URL: the ledger lives on the broker")
+    args.layouts = chosen
+    args.config = args.config or layouts.REPO_ROOT / CONFIG_REL
+    args.output = args.output or layouts.REPO_ROOT / OUTPUT_REL
+    try:
+        Topology.from_settings(*load_settings(args.config))
+    except PartitionerError as exc:
+        parser.error(f"--config {args.config}: {exc}")
+    return args
+
+
+def run_phase(fleet: Fleet, args: Namespace, fault: bool) -> list[ServiceResult]:
+    """One phase of traffic on a ready, idle fleet; returns the figures per service."""
+    store = control.require_client()
+    store.delete(control.LEDGER)
+    work_s = args.work_ms / 1000.0
+
+    sent: list[Sent] = []
+    if fault:
+        set_fault(FAULTY, Fault("hang", args.hang))
+        sent += burst(fleet.app, FAULTY, args.burst, work_s)
+    window_start = time.time()
+    sent += steady(fleet.app, HEALTHY, args.rate, args.duration, work_s)
+
+    deadline = window_start + args.duration + args.grace
+    time.sleep(max(0.0, deadline - time.time()) + 0.2)
+    results = measure(sent, control.read_ledger(store), deadline)
+
+    set_fault(FAULTY, Fault())
+    fleet.settle(SETTLE_TIMEOUT_S)
+    return results
+
+
+def warm_up(fleet: Fleet, args: Namespace) -> None:
+    """Unmeasured traffic to every service, so that no phase pays for first calls."""
+    if args.warmup > 0:
+        services = (*HEALTHY, FAULTY)
+        steady(fleet.app, services, args.rate, args.warmup, args.work_ms / 1000.0)
+    fleet.settle(SETTLE_TIMEOUT_S)
+
+
+def run_layout(key: str, args: Namespace, workdir: Path, token: str) -> LayoutResult:
+    """Start one layout's fleet, run both phases on it, and always stop it."""
+    fleet = layouts.LAYOUTS[key](workdir, token, args.loglevel)
+    result = LayoutResult(key, fleet.title)
+    try:
+        fleet.start()
+        result.ready_s = fleet.wait_ready(READY_TIMEOUT_S)
+        nodes = ", ".join(fleet.nodes)
+        log.info("%s: nodes %s ready in %.1f s", key, nodes, result.ready_s)
+        warm_up(fleet, args)
+
+        for phase in PHASES:
+            log.info("%s: phase %r, %.0f s of traffic", key, phase, args.duration)
+            result.phases[phase] = run_phase(fleet, args, fault=phase == "fault")
+    finally:
+        _reset_fault()
+        fleet.stop(STOP_TIMEOUT_S)
+        log.info("%s: workers stopped", key)
+    return result
+
+
+def flush_broker(url: str) -> None:
+    """Empty the benchmark's database: queues, ledger and faults of earlier runs."""
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One healthy service under the fault: Partitioner against the target."""
+
+    service: str
+    fault: ServiceResult
+    base: ServiceResult
+    p99_ratio: float | None
+    met: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for the JSON results."""
+        ratio = None if self.p99_ratio is None else round(self.p99_ratio, 2)
+        return {
+            "service": self.service,
+            "completed_pct": round(self.fault.completed_pct, 1),
+            "p99_fault_ms": self.fault.p99_ms,
+            "p99_no_fault_ms": self.base.p99_ms,
+            "p99_ratio": ratio,
+            "met": self.met,
+        }
+
+
+def verdicts(result: LayoutResult) -> list[Verdict]:
+    """Each healthy service's figures under the fault against those without it."""
+    found = []
+    for service in HEALTHY:
+        base, fault = (_find(result, phase, service) for phase in PHASES)
+        ratio = report.ratio(fault.p99_ms, base.p99_ms)
+        met = fault.completed_pct >= TARGET_COMPLETED_PCT and (
+            ratio is not None and ratio <= TARGET_P99_RATIO
+        )
+        found.append(Verdict(service, fault, base, ratio, met))
+    return found
+
+
+def summary(stock: LayoutResult | None, part: LayoutResult | None) -> str:
+    """Partitioner against the target, the shared pool beside it: a markdown table."""
+    if part is None:
+        return "(no summary: the Partitioner layout was not run)"
+    header = ["service", "Partitioner completed", "Partitioner p99 fault/no fault"]
+    header.append("target met")
+    rows = [
+        [
+            v.service,
+            report.completion(v.fault),
+            report.ratio_cell(v.fault, v.base),
+            "yes" if v.met else "NO",
+        ]
+        for v in verdicts(part)
+    ]
+    if stock is not None:
+        header += ["shared pool completed", "shared pool p99 fault/no fault"]
+        for row, v in zip(rows, verdicts(stock), strict=True):
+            row += [report.completion(v.fault), report.ratio_cell(v.fault, v.base)]
+    target = (
+        f"Target for Partitioner under payment's fault: each healthy service completes "
+        f"{TARGET_COMPLETED_PCT:.0f} % of its tasks and keeps p99 <= "
+        f"{TARGET_P99_RATIO:g}x its p99 without the fault."
+    )
+    return f"#### Summary\n\n{target}\n\n{report.table(header, rows)}"
+
+
+def print_report(results: dict[str, LayoutResult], args: Namespace) -> None:
+    """All tables, as markdown, on stdout."""
+    print(f"### Isolation: {completion_rule(args)}\n")
+    for result in results.values():
+        for phase, figures in result.phases.items():
+            print(report.phase_table(f"{result.title}: {phase}", figures) + "\n")
+    print(summary(results.get("stock"), results.get("partitioner")))
+
+
+def completion_rule(args: Namespace) -> str:
+    """How a task is counted as completed, in words."""
+    return (
+        f"a task counts as completed when it ended successfully within the "
+        f"{args.duration:g} s traffic window + {args.grace:g} s grace; "
+        f"latency is done_at - sent_at; '{report.NOT_DONE}': that percentile's tasks "
+        "had not completed"
+    )
+
+
+def write_json(
+    results: dict[str, LayoutResult], args: Namespace, argv: list[str], wall_s: float
+) -> None:
+    """The run's figures and conditions, for the README to quote."""
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    data: dict[str, Any] = {
+        "scenario": "isolation",
+        "command": shlex.join(["python", "-m", "bench.isolation", *argv]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {
+            "celery": celery.__version__,
+            "kombu": kombu.__version__,
+            "redis-py": redis.__version__,
+            "python": platform.python_version(),
+        },
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "options": options,
+        "completion_rule": completion_rule(args),
+        "target": {
+            "completed_pct": TARGET_COMPLETED_PCT,
+            "p99_ratio": TARGET_P99_RATIO,
+        },
+        "wall_s": round(wall_s, 1),
+        "layouts": {key: _layout_json(result) for key, result in results.items()},
+    }
+    if "partitioner" in results:
+        data["summary"] = [v.as_dict() for v in verdicts(results["partitioner"])]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(data, indent=2) + "\n")
+    log.info("results written to %s", args.output)
+
+
+def run_all(args: Namespace, workdir: Path) -> dict[str, LayoutResult]:
+    """Every chosen layout in turn, each fleet started and stopped in its turn."""
+    token = layouts.unique_token()
+    return {key: run_layout(key, args, workdir, token) for key in args.layouts}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.monotonic()
+
+    os.environ.update(layouts.environment(args.broker, args.config))
+    flush_broker(args.broker)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-isolation-"))
+    log.info("broker %s (flushed), worker logs in %s", args.broker, workdir)
+
+    try:
+        results = run_all(args, workdir)
+    except KeyboardInterrupt:
+        log.warning("interrupted; workers stopped, logs kept in %s", workdir)
+        return 130
+    except FleetError as exc:
+        log.error("%s; logs kept in %s", exc, workdir)
+        return 1
+    if not args.keep_logs:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    wall_s = time.monotonic() - started
+    print_report(results, args)
+    write_json(results, args, argv, wall_s)
+    log.info("wall time %.0f s", wall_s)
+    return 0
+
+
+def _find(result: LayoutResult, phase: str, service: str) -> ServiceResult:
+    return next(r for r in result.phases[phase] if r.service == service)
+
+
+def _layout_json(result: LayoutResult) -> dict[str, Any]:
+    return {
+        "title": result.title,
+        "ready_s": round(result.ready_s, 2),
+        "phases": {
+            phase: [figure.as_dict() for figure in figures]
+            for phase, figures in result.phases.items()
+        },
+    }
+
+
+def _reset_fault() -> None:
+    # After an interruption mid-fault, hanging tasks would hold up the warm shutdown.
+    with contextlib.suppress(redis.RedisError):
+        set_fault(FAULTY, Fault())
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM stops the benchmark like Ctrl-C does, so that the fleets are stopped too.
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())
