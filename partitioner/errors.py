@@ -27,3 +27,11 @@ class LaunchError(PartitionerError):
 
 class BrokerError(PartitionerError):
     """The broker cannot be reached or answered unexpectedly."""
+
+
+class BreakerError(PartitionerError):
+    """A breaker cannot be read or changed."""
+
+
+class StoreUnavailable(BreakerError):
+    """The breaker store cannot be reached; the gates follow `on_store_error`."""

@@ -1,0 +1,1 @@
+"""Implementations of the breaker store contract in `partitioner.breaker.store`."""
