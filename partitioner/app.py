@@ -122,8 +122,9 @@ def _worker_settings(app: Celery, worker: str, broker_url: str | None) -> dict[s
     if is_redis_url(broker_url):
         # NOTE: kombu keeps unacknowledged Redis messages in one hash per key name and gives
         # them back only after visibility_timeout (1 h). A key per worker lets the launcher
-        # give back a dead worker's tasks the moment it restarts it; a worker whose host
-        # never returns still waits for visibility_timeout.
+        # give back a dead worker's tasks the moment it restarts it. kombu restores only
+        # from a consumer's own key, so the tasks of a worker whose name never runs again
+        # stay unacknowledged until a launcher with the same --hostname starts.
         options = dict(app.conf.broker_transport_options or {})
         conf["broker_transport_options"] = options | unacked_keys(worker)
     return conf

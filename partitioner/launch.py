@@ -27,7 +27,8 @@ from celery import Celery
 
 from partitioner.app import WORKER_ENV, Partitioner, partitioner_of, unacked_keys
 from partitioner.embedded import EmbeddedServer
-from partitioner.errors import LaunchError, PartitionerError
+from partitioner.errors import BrokerError, LaunchError, PartitionerError
+from partitioner.observe import BROKER_TIMEOUT_S, connection_errors, unreachable
 from partitioner.settings import CONFIG_ENV, mask_url
 from partitioner.topology import Partition
 
@@ -67,15 +68,23 @@ def load_app(spec: str) -> Celery:
 
 
 def give_back_unacked(partitioner: Partitioner, worker: str) -> int:
-    """Requeue the tasks a dead Redis worker had fetched and not acknowledged."""
+    """Requeue the tasks a dead Redis worker had fetched and not acknowledged.
+
+    Raises `BrokerError` when the broker cannot be reached.
+    """
     if not partitioner.broker_is_redis:
         return 0  # AMQP brokers requeue a dead consumer's messages by themselves.
+    app = partitioner.app
     options = unacked_keys(worker)
-    with partitioner.app.connection_for_write(transport_options=options) as connection:
-        channel = connection.default_channel
-        tags = channel.client.hkeys(options["unacked_key"])
-        for tag in tags:
-            channel.qos.restore_by_tag(tag)
+    try:
+        with app.connection_for_write(transport_options=options) as connection:
+            connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_S)
+            channel = connection.default_channel
+            tags = channel.client.hkeys(options["unacked_key"])
+            for tag in tags:
+                channel.qos.restore_by_tag(tag)
+    except connection_errors(app) as exc:
+        raise unreachable(app, exc) from exc
     return len(tags)
 
 
@@ -149,7 +158,13 @@ class Launcher:
 
     def _start(self, worker: WorkerProcess) -> None:
         p = worker.partition
-        given_back = give_back_unacked(self.partitioner, worker.name)
+        try:
+            given_back = give_back_unacked(self.partitioner, worker.name)
+        except BrokerError as exc:
+            # The worker waits for the broker by itself; the other partitions must not stop
+            # because this one cannot be tidied up now.
+            log.warning("%s: cannot give back tasks a previous worker left: %s", p.name, exc)
+            given_back = 0
         if given_back:
             log.warning("%s: requeued %d task(s) the previous worker left", p.name, given_back)
 
@@ -263,7 +278,11 @@ class Launcher:
 def launch(app_spec: str, **options: Any) -> int:
     """Load `app_spec`, check it has Partitioner attached, and run its workers."""
     app = load_app(app_spec)
-    return Launcher(app_spec, partitioner_of(app), **options).run()
+    # The workers must load the attribute load_app() checked: `celery -A pkg.mod:` looks
+    # for an attribute named "" instead of the default `app`.
+    module_name, _, attr = app_spec.partition(":")
+    worker_spec = f"{module_name}:{attr or 'app'}"
+    return Launcher(worker_spec, partitioner_of(app), **options).run()
 
 
 def _die_with_parent() -> None:

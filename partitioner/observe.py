@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from kombu.exceptions import OperationalError
+
 from partitioner.app import WORKER_ENV, Partitioner
 from partitioner.errors import BrokerError
 from partitioner.settings import mask_url
@@ -76,6 +78,13 @@ def observe(partitioner: Partitioner, timeout_s: float = 1.0) -> list[PartitionO
 def waiting_counts(partitioner: Partitioner) -> dict[str, int]:
     """Messages waiting in each partition queue, by queue name."""
     app = partitioner.app
+    if not app.conf.broker_url:
+        # Celery would fall back to amqp://localhost and report some other broker's queues.
+        raise BrokerError(
+            "no broker: PARTITIONER_BROKER_URL is not set and no embedded server runs in "
+            f"{partitioner.settings.state_dir}; start one with `partitioner launch`, or set "
+            "PARTITIONER_BROKER_URL"
+        )
     counts: dict[str, int] = {}
     try:
         with app.connection_for_read() as connection:
@@ -84,10 +93,7 @@ def waiting_counts(partitioner: Partitioner) -> dict[str, int]:
             for name, queue in partitioner.queues.items():
                 counts[name] = int(queue.bind(channel).queue_declare().message_count)
     except connection_errors(app) as exc:
-        raise BrokerError(
-            f"cannot reach the broker at {mask_url(app.conf.broker_url)}: {exc}; is it "
-            "running, and is PARTITIONER_BROKER_URL right?"
-        ) from exc
+        raise unreachable(app, exc) from exc
     return counts
 
 
@@ -131,11 +137,21 @@ def _by_queue(requests: Iterable[Any]) -> dict[str, int]:
     return dict(Counter(str(r.delivery_info.get("routing_key")) for r in requests))
 
 
+def unreachable(app: Any, exc: BaseException) -> BrokerError:
+    """The error that says `app`'s broker cannot be reached, and what to check."""
+    return BrokerError(
+        f"cannot reach the broker at {mask_url(app.conf.broker_url)}: {exc}; is it "
+        "running, and is PARTITIONER_BROKER_URL right?"
+    )
+
+
 def connection_errors(app: Any) -> tuple[type[BaseException], ...]:
     """The exceptions that mean the broker is unreachable, for `app`'s transport."""
     with app.connection_for_read() as connection:
         return (
             *connection.connection_errors,
             *connection.channel_errors,
+            # ensure_connection() re-raises the transport's errors as this one.
+            OperationalError,
             OSError,
         )

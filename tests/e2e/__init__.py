@@ -1,0 +1,1 @@
+"""End-to-end tests: real `partitioner launch` processes on real Redis and RabbitMQ."""
