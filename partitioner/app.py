@@ -12,6 +12,7 @@ from celery import Celery
 from kombu import Queue
 
 from partitioner import embedded
+from partitioner.errors import BrokerError, PartitionerError
 from partitioner.routing import Router, declare_queues
 from partitioner.settings import Origins, Settings, load_settings, mask_url
 from partitioner.topology import Topology
@@ -32,6 +33,24 @@ class Partitioner:
     queues: dict[str, Queue]
     router: Router
     broker_url: str | None
+
+    def find_broker(self) -> str:
+        """The broker URL; with none known, look again for an embedded server.
+
+        Raises `BrokerError` when there is none, rather than let Celery fall back to
+        amqp://localhost and publish to, or count the queues of, some other broker.
+        """
+        if self.broker_url is None:
+            found = self.app.conf.broker_url or embedded.discover(self.settings.state_dir)
+            if not found:
+                raise BrokerError(
+                    "no broker: PARTITIONER_BROKER_URL is not set and no embedded server "
+                    f"runs in {self.settings.state_dir}; start one with `partitioner launch`, "
+                    "or set PARTITIONER_BROKER_URL"
+                )
+            self.broker_url = self.app.conf.broker_url = str(found)
+            self.router.before_route = None
+        return self.broker_url
 
     @property
     def broker_is_redis(self) -> bool:
@@ -63,6 +82,10 @@ def attach(
         observe.register()
 
     partitioner = Partitioner(app, settings, topology, queues, router, broker_url)
+    if broker_url is None:
+        # The embedded server may start after this app is imported (by `partitioner
+        # launch` in another process): find it on first publish.
+        router.before_route = partitioner.find_broker
     app.partitioner = partitioner
     log.debug("attached to %s: broker %s", app.main, mask_url(broker_url))
     return partitioner
@@ -70,8 +93,6 @@ def attach(
 
 def partitioner_of(app: Celery) -> Partitioner:
     """The `Partitioner` attached to `app`; raises if `attach` was never called on it."""
-    from partitioner.errors import PartitionerError
-
     found = getattr(app, "partitioner", None)
     if not isinstance(found, Partitioner):
         raise PartitionerError(

@@ -8,6 +8,7 @@ append-only file in the same folder, so queued tasks survive a restart of the la
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -30,34 +31,46 @@ START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
 
 
+@dataclass(frozen=True)
+class Record:
+    """What `server.json` says: the server's URL and pid, and the pid of its owner."""
+
+    url: str
+    pid: int
+    owner: int
+
+
 def discover(state_dir: Path) -> str | None:
     """The URL of a live embedded server recorded in `state_dir`, or None."""
-    try:
-        record = json.loads((state_dir / STATE_FILE).read_text())
-        url, pid = str(record["url"]), int(record["pid"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not _alive(pid) or not _answers(url):
-        return None
-    return url
+    record = _live_record(state_dir)
+    return record.url if record else None
 
 
 @dataclass
 class EmbeddedServer:
-    """A running embedded server; `process` is None when another launcher owns it."""
+    """A running embedded server. `process` is None when another launcher owns it, or when
+    this one adopted it (`adopted_pid`) from a launcher that died without stopping it."""
 
     state_dir: Path
     url: str
     process: subprocess.Popen[bytes] | None
+    adopted_pid: int | None = None
 
     @classmethod
     def start(cls, state_dir: Path) -> EmbeddedServer:
-        """Start a server in `state_dir`, or join the one already running there."""
+        """Start a server in `state_dir`, or join or adopt the one already running there."""
         state_dir = state_dir.resolve()
-        existing = discover(state_dir)
+        existing = _live_record(state_dir)
+        if existing is not None and _alive(existing.owner):
+            log.info("embedded server already running at %s; joining it", existing.url)
+            return cls(state_dir, existing.url, None)
         if existing is not None:
-            log.info("embedded server already running at %s; joining it", existing)
-            return cls(state_dir, existing, None)
+            log.warning(
+                "embedded server at %s outlived the launcher that started it (pid %d); "
+                "adopting it", existing.url, existing.owner,
+            )  # fmt: skip
+            _write(state_dir, Record(existing.url, existing.pid, os.getpid()))
+            return cls(state_dir, existing.url, None, adopted_pid=existing.pid)
 
         state_dir.mkdir(parents=True, exist_ok=True)
         port = _free_port()
@@ -73,20 +86,23 @@ class EmbeddedServer:
         )
         server = cls(state_dir, url, process)
         server._wait_ready()
-        (state_dir / STATE_FILE).write_text(json.dumps({"url": url, "pid": process.pid}))
+        _write(state_dir, Record(url, process.pid, os.getpid()))
         log.info("embedded server started at %s (files in %s)", url, state_dir)
         return server
 
     def stop(self) -> None:
-        """Stop the server if this object started it; its data stays in the folder."""
-        if self.process is None:
+        """Stop the server if this object started or adopted it; its data stays."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGTERM)  # Valkey saves and exits on SIGTERM.
+            try:
+                self.process.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        elif self.adopted_pid is not None:
+            _stop_pid(self.adopted_pid)
+        else:
             return
-        self.process.send_signal(signal.SIGTERM)  # Valkey saves and exits on SIGTERM.
-        try:
-            self.process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
         (self.state_dir / STATE_FILE).unlink(missing_ok=True)
         log.info("embedded server stopped")
 
@@ -107,6 +123,33 @@ class EmbeddedServer:
             f"the embedded server did not answer within {START_TIMEOUT_S:.0f} s; "
             f"see {self.state_dir / LOG_FILE}"
         )
+
+
+def _live_record(state_dir: Path) -> Record | None:
+    try:
+        data = json.loads((state_dir / STATE_FILE).read_text())
+        record = Record(str(data["url"]), int(data["pid"]), int(data.get("owner", 0)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not _alive(record.pid) or not _answers(record.url):
+        return None
+    return record
+
+
+def _write(state_dir: Path, record: Record) -> None:
+    (state_dir / STATE_FILE).write_text(json.dumps(record.__dict__))
+
+
+def _stop_pid(pid: int) -> None:
+    # Not our child: poll for its exit instead of waiting on it.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _command(state_dir: Path, port: int) -> list[str]:
@@ -147,6 +190,8 @@ def _free_port() -> int:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # os.kill(0, ...) would signal our own process group
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

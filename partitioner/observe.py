@@ -78,13 +78,7 @@ def observe(partitioner: Partitioner, timeout_s: float = 1.0) -> list[PartitionO
 def waiting_counts(partitioner: Partitioner) -> dict[str, int]:
     """Messages waiting in each partition queue, by queue name."""
     app = partitioner.app
-    if not app.conf.broker_url:
-        # Celery would fall back to amqp://localhost and report some other broker's queues.
-        raise BrokerError(
-            "no broker: PARTITIONER_BROKER_URL is not set and no embedded server runs in "
-            f"{partitioner.settings.state_dir}; start one with `partitioner launch`, or set "
-            "PARTITIONER_BROKER_URL"
-        )
+    partitioner.find_broker()
     counts: dict[str, int] = {}
     try:
         with app.connection_for_read() as connection:

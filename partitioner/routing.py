@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kombu import Exchange, Queue
@@ -33,6 +33,8 @@ class Router:
     def __init__(self, topology: Topology, queues: Mapping[str, Queue]) -> None:
         self.topology = topology
         self.queues = queues
+        # Called before routing while the broker is not known yet; it may raise.
+        self.before_route: Callable[[], object] | None = None
 
     def __call__(
         self,
@@ -43,6 +45,8 @@ class Router:
         task: Any = None,
         **kw: Any,
     ) -> dict[str, Any] | None:
+        if self.before_route is not None:
+            self.before_route()
         try:
             route = self.topology.route(name)
         except RoutingError:

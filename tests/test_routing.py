@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -9,7 +10,7 @@ from celery import Celery
 from kombu import Queue
 
 from partitioner.app import Partitioner, attach, partitioner_of
-from partitioner.errors import PartitionerError, RoutingError
+from partitioner.errors import BrokerError, PartitionerError, RoutingError
 from partitioner.settings import PartitionSettings, Settings, mask_url
 
 pytestmark = pytest.mark.usefixtures("hermetic")
@@ -183,3 +184,28 @@ MASKED = [
 )
 def test_mask_url_hides_passwords(url: str | None, shown: str) -> None:
     assert mask_url(url) == shown
+
+
+@pytest.mark.timeout(10)
+def test_no_broker_refuses_to_publish_instead_of_guessing_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Given no broker URL and no embedded server in the state folder
+    settings = Settings(
+        state_dir=tmp_path, partitions={"payment": PartitionSettings(tasks=["shop.payment.*"])}
+    )
+    app = attached(settings).app
+    published = record_publishes(app, monkeypatch)
+
+    # Then publishing names what to do, and Celery's amqp://localhost default is never used
+    with pytest.raises(BrokerError, match=r"no embedded server runs in .*PARTITIONER_BROKER_URL"):
+        app.send_task("shop.payment.charge")
+    assert published == []
+
+    # And once a server is recorded there (faked: discovery is the launcher's business),
+    # the same app finds it on its next publish
+    found = "redis://127.0.0.1:6390/0"
+    monkeypatch.setattr("partitioner.embedded.discover", lambda state_dir: found)
+    app.send_task("shop.payment.charge")
+    assert app.conf.broker_url == found
+    assert published == [("shop.payment.charge", "payment")]

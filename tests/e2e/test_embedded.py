@@ -106,3 +106,34 @@ def test_embedded_server_serves_launch_and_producers_then_stops(
     status = run_partitioner("status", env=env)
     assert status.returncode == 6, status.stdout
     assert f"no embedded server runs in {state_dir}" in status.stderr
+
+
+@pytest.mark.timeout(90)
+def test_server_left_by_a_killed_launcher_is_adopted_and_stopped(
+    state_dir: Path, launcher: Launch
+) -> None:
+    # Given a launcher that started the embedded server, then was killed outright
+    env = command_env(None, PARTITIONER_STATE_DIR=str(state_dir))
+    del env["WORKERS_CONTROL_URL"]
+    first = launcher(env)
+    record = wait_until(lambda: read_json(state_dir / "server.json"), 20, "server.json")
+    first.process.kill()
+    first.process.wait(10)
+    assert alive(int(record["pid"]))
+
+    # When a new launcher starts in the same state folder
+    second = launcher(env)
+
+    # Then it adopts the same server, and names itself its owner
+    def owned_by_second() -> dict[str, object] | None:
+        found = read_json(state_dir / "server.json")
+        return found if found and found["owner"] == second.pid else None
+
+    adopted = wait_until(owned_by_second, 20, "the new launcher to adopt the server")
+    assert (adopted["url"], adopted["pid"]) == (record["url"], record["pid"])
+    wait_until(lambda: "adopting it" in second.log(), 10, "the adoption log line")
+
+    # And stops it on its own shutdown
+    assert second.stop() == 0, second.log()
+    assert not alive(int(record["pid"]))
+    assert not (state_dir / "server.json").exists()
