@@ -18,7 +18,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
@@ -44,6 +53,77 @@ PartitionName = re.compile(r"^[a-z][a-z0-9_]*$")
 Loc = tuple[str | int, ...]
 
 _config_file: ContextVar[Path | None] = ContextVar("partitioner_config_file", default=None)
+
+
+def _split_list(value: Any) -> Any:
+    # Environment variables carry lists as "a,b" as readily as JSON.
+    if isinstance(value, str):
+        if value.lstrip().startswith("["):
+            return json.loads(value)
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+Rate = Annotated[float, Field(gt=0, le=1)]
+
+
+class BreakerSettings(BaseModel):
+    """A partition's circuit breaker: when it opens, for how long, and what the gates do."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="Record outcomes and gate dispatch. Default true.")
+    window: Literal["count", "time"] = Field(
+        "count", description="Judge the last `window_calls` calls, or those of `window_s`."
+    )
+    window_calls: PositiveInt = Field(20, description="Calls in a count window. Default 20.")
+    window_s: PositiveFloat = Field(30.0, description="Seconds of a time window. Default 30.")
+    min_calls: PositiveInt = Field(
+        10, description="Calls in the window before any decision. Default 10."
+    )
+    failure_rate: Rate = Field(0.5, description="Failure rate that opens it (0-1). 0.5.")
+    slow_call_s: PositiveFloat | None = Field(
+        None, description="A call running this many seconds is slow. Default: none is."
+    )
+    slow_call_rate: Rate = Field(0.8, description="Slow-call rate that opens it (0-1). 0.8.")
+    open_s: PositiveFloat = Field(10.0, description="Seconds open before probing. Default 10.")
+    open_backoff: float = Field(
+        2.0, ge=1, description="Factor on open_s per consecutive re-open. Default 2."
+    )
+    open_max_s: PositiveFloat = Field(300.0, description="Cap of the open period. Default 300.")
+    half_open_probes: PositiveInt = Field(
+        3, description="Probe tasks admitted in half_open, across all hosts. Default 3."
+    )
+    record: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Dotted names of exceptions that count as failures. Default: all do.",
+    )
+    ignore: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Dotted names of exceptions that never count. Default: none.",
+    )
+    on_open: Literal["reject", "park"] = Field(
+        "reject", description="What the producer gate does with a task while open."
+    )
+    on_store_error: Literal["allow", "halt"] = Field(
+        "allow", description="What the gates do while the breaker store is unreachable."
+    )
+    replay_rate: PositiveFloat = Field(
+        50.0, description="Parked tasks replayed per second after closing. Default 50."
+    )
+
+    _lists = field_validator("record", "ignore", mode="before")(_split_list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> BreakerSettings:
+        if self.open_max_s < self.open_s:
+            raise ValueError(f"open_max_s {self.open_max_s:g} is below open_s {self.open_s:g}")
+        if self.window == "count" and self.min_calls > self.window_calls:
+            raise ValueError(
+                f"min_calls {self.min_calls} is above window_calls {self.window_calls}, so "
+                "the breaker could never open; lower min_calls or raise window_calls"
+            )
+        return self
 
 
 class PartitionSettings(BaseModel):
@@ -72,16 +152,11 @@ class PartitionSettings(BaseModel):
     pool: Literal["prefork", "threads", "solo"] = Field(
         "prefork", description="Celery pool type of the partition's worker."
     )
+    breaker: BreakerSettings = Field(
+        BreakerSettings(), description="The partition's circuit breaker (a frozen model)."
+    )
 
-    @field_validator("tasks", "queues", mode="before")
-    @classmethod
-    def _split_commas(cls, value: Any) -> Any:
-        # Environment variables carry lists as "a,b" as readily as JSON.
-        if isinstance(value, str):
-            if value.lstrip().startswith("["):
-                return json.loads(value)
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+    _lists = field_validator("tasks", "queues", mode="before")(_split_list)
 
     @field_validator("tasks", "queues")
     @classmethod
@@ -255,7 +330,7 @@ def config_path(config: str | os.PathLike[str] | None = None) -> Path | None:
 
 def load_settings(
     config: str | os.PathLike[str] | None = None,
-    env_file: str | os.PathLike[str] | None = ".env",
+    env_file: str | Path | None = ".env",
     **overrides: Any,
 ) -> tuple[Settings, Origins]:
     """Read and validate the settings, with the origin of every value.
@@ -268,7 +343,7 @@ def load_settings(
     with _using_config(path):
         origins = _origins(path, env_file, overrides)
         try:
-            settings = Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+            settings = Settings(_env_file=env_file, **overrides)
         except ValidationError as exc:
             raise SettingsError(_describe(exc, origins)) from None
         except PydanticSettingsError as exc:
@@ -329,7 +404,12 @@ def _describe(exc: ValidationError, origins: Origins) -> list[str]:
             message = message[len("Value error, ") :]
         if loc[:1] == ("broker_url",) and isinstance(value, str):
             value = mask_url(value)
-        quiet = error["type"] in ("missing", "extra_forbidden", "partition_name")
+        # A whole table (a rule across its fields) is named, not printed.
+        quiet = isinstance(value, dict) or error["type"] in (
+            "missing",
+            "extra_forbidden",
+            "partition_name",
+        )
         shown = "" if quiet else f" = {value!r}"
         problems.append(f"{setting_name(loc)}{shown} ({where}): {message}")
     return problems
