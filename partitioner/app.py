@@ -8,10 +8,15 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import redis
 from celery import Celery
 from kombu import Queue
 
 from partitioner import embedded
+from partitioner.breaker.board import Breakers
+from partitioner.breaker.producer import ProducerGate
+from partitioner.breaker.stores.redis import RedisStore
+from partitioner.breaker.view import BreakerView
 from partitioner.errors import BrokerError, PartitionerError
 from partitioner.routing import Router, declare_queues
 from partitioner.settings import Origins, Settings, load_settings, mask_url
@@ -21,6 +26,8 @@ log = logging.getLogger(__name__)
 
 # Set by `partitioner launch` in each worker it starts: the worker's node name.
 WORKER_ENV = "PARTITIONER_WORKER"
+# A publish waits at most this long for the breaker store before on_store_error applies.
+STORE_TIMEOUT_S = 1.0
 
 
 @dataclass
@@ -33,6 +40,8 @@ class Partitioner:
     queues: dict[str, Queue]
     router: Router
     broker_url: str | None
+    breakers: Breakers | None = None
+    view: BreakerView | None = None
 
     def find_broker(self) -> str:
         """The broker URL; with none known, look again for an embedded server.
@@ -50,7 +59,36 @@ class Partitioner:
                 )
             self.broker_url = self.app.conf.broker_url = str(found)
             self.router.before_route = None
+            self.install_breakers()
         return self.broker_url
+
+    def install_breakers(self) -> None:
+        """Open the breakers' store and put the producer gate in the router.
+
+        The store is `state_url`, else the broker when it is Redis; with neither, the
+        breakers are off and one warning says what to set.
+        """
+        if self.breakers is not None or not any(
+            p.breaker.enabled for p in self.topology.partitions
+        ):
+            return
+        url = self.settings.state_url or (self.broker_url if self.broker_is_redis else None)
+        if url is None:
+            log.warning(
+                "breakers are off: they keep their state in Redis and the broker %s is not "
+                "Redis; set PARTITIONER_STATE_URL",
+                mask_url(self.broker_url),
+            )
+            return
+        client = redis.Redis.from_url(
+            url.replace("redis+socket://", "unix://", 1),
+            socket_timeout=STORE_TIMEOUT_S,
+            socket_connect_timeout=STORE_TIMEOUT_S,
+        )
+        store = RedisStore(client, self.settings.name)
+        self.breakers = Breakers(store, self.topology)
+        self.view = BreakerView(self.breakers, client, store.channel)
+        self.router.gate = ProducerGate(self.breakers, self.view)
 
     @property
     def broker_is_redis(self) -> bool:
@@ -86,6 +124,11 @@ def attach(
         # The embedded server may start after this app is imported (by `partitioner
         # launch` in another process): find it on first publish.
         router.before_route = partitioner.find_broker
+    partitioner.install_breakers()
+    if worker and partitioner.breakers is not None:
+        from partitioner.breaker.consumer import ConsumerGate
+
+        app.steps["consumer"].add(ConsumerGate)
     app.partitioner = partitioner
     log.debug("attached to %s: broker %s", app.main, mask_url(broker_url))
     return partitioner

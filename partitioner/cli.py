@@ -9,11 +9,14 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 from celery import Celery
 
+from partitioner.breaker.machine import State
 from partitioner.errors import (
+    BreakerError,
     BrokerError,
     LaunchError,
     PartitionerError,
@@ -33,6 +36,7 @@ class Exit(enum.IntEnum):
     ROUTING = 4
     LAUNCH = 5
     BROKER = 6
+    BREAKER = 7
     INTERRUPTED = 130
 
 
@@ -41,6 +45,7 @@ EXIT_FOR: list[tuple[type[PartitionerError], Exit]] = [
     (RoutingError, Exit.ROUTING),
     (LaunchError, Exit.LAUNCH),
     (BrokerError, Exit.BROKER),
+    (BreakerError, Exit.BREAKER),
 ]
 
 
@@ -163,7 +168,10 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
     if as_json:
         click.echo(json.dumps({"partitions": [o.as_dict() for o in observations]}, indent=2))
         return
-    header = ("partition", "queues", "waiting", "reserved", "running", "backlog", "conc", "limits")
+    header = (
+        "partition", "queues", "waiting", "reserved", "running", "backlog", "conc", "limits",
+        "breaker",
+    )  # fmt: skip
     rows = [
         (
             o.name,
@@ -174,10 +182,73 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
             str(o.backlog),
             str(o.concurrency) if o.workers else "-",
             f"{o.min}..{o.max}",
+            _breaker_cell(o.breaker),
         )
         for o in observations
     ]
     click.echo(_table(header, rows))
+
+
+def _breaker_cell(figures: dict[str, Any] | None) -> str:
+    if figures is None:
+        return "off"
+    if "calls" not in figures:
+        return str(figures["state"])
+    cell = f"{figures['state']} fail {figures['failure_rate']:.0%}"
+    cell += f" slow {figures['slow_call_rate']:.0%} of {figures['calls']}"
+    if figures["half_open_in_s"]:
+        cell += f", half-open in {figures['half_open_in_s']:.1f} s"
+    return cell
+
+
+MANUAL_STATES = {
+    "open": (State.FORCED_OPEN, "opened by hand"),
+    "close": (State.CLOSED, "closed by hand"),
+    "reset": (State.CLOSED, "reset by hand: window and open periods forgotten"),
+    "disable": (State.DISABLED, "disabled by hand"),
+    "metrics-only": (State.METRICS_ONLY, "set to metrics only by hand"),
+}
+
+
+@cli.command(
+    epilog="""\b
+Actions:
+  show          state, failure and slow-call rates, time to half-open
+  open          forced_open: halt dispatch until closed by hand
+  close         closed, its window cleared
+  reset         closed, its window and re-open count cleared
+  disable       disabled: no recording, no gating
+  metrics-only  record outcomes, never open
+
+Example: partitioner breaker open payment
+"""
+)
+@click.argument("action", type=click.Choice(["show", *MANUAL_STATES]))
+@click.argument("partition")
+@click.pass_context
+def breaker(ctx: click.Context, action: str, partition: str) -> None:
+    """Show a partition's breaker, or set its state by hand."""
+    from partitioner.app import attach
+    from partitioner.observe import breaker_figures
+
+    settings, origins = _settings(ctx)
+    attached = attach(Celery("partitioner-breaker", set_as_current=False), settings, origins)
+    attached.find_broker()
+    found = attached.topology.by_name.get(partition)
+    if found is None:
+        known = ", ".join(attached.topology.by_name)
+        raise BreakerError(f"no partition {partition!r}; the partitions are {known}")
+    if attached.breakers is None or not found.breaker.enabled:
+        raise BreakerError(
+            f"partition {partition!r} has no breaker: set PARTITIONER_STATE_URL to a Redis "
+            f"URL, or partitions.{partition}.breaker.enabled = true"
+        )
+    if action == "show":
+        snapshot = attached.breakers.snapshot(found)
+    else:
+        state, reason = MANUAL_STATES[action]
+        snapshot = attached.breakers.set(found, state, reason)
+    click.echo(json.dumps({"partition": partition, **breaker_figures(snapshot)}, indent=2))
 
 
 @cli.command()

@@ -35,3 +35,15 @@ class BreakerError(PartitionerError):
 
 class StoreUnavailable(BreakerError):
     """The breaker store cannot be reached; the gates follow `on_store_error`."""
+
+
+class PartitionOpen(BreakerError):
+    """A task was rejected because its partition's breaker is open; retry after a while."""
+
+    def __init__(self, partition: str, state: str, retry_after_s: float) -> None:
+        self.partition = partition
+        self.retry_after_s = retry_after_s
+        super().__init__(
+            f"partition {partition!r} is not accepting tasks (breaker {state}); "
+            f"retry after {retry_after_s:.1f} s"
+        )

@@ -17,8 +17,11 @@ from typing import Any
 from kombu.exceptions import OperationalError
 
 from partitioner.app import WORKER_ENV, Partitioner
-from partitioner.errors import BrokerError
+from partitioner.breaker.board import Breakers
+from partitioner.breaker.store import Snapshot
+from partitioner.errors import BrokerError, StoreUnavailable
 from partitioner.settings import mask_url
+from partitioner.topology import Partition
 
 COMMAND = "partitioner_observe"
 BROKER_TIMEOUT_S = 5.0
@@ -36,6 +39,7 @@ class PartitionObservation:
     running: int = 0
     concurrency: int = 0
     workers: list[str] = field(default_factory=list)
+    breaker: dict[str, Any] | None = None
 
     @property
     def waiting(self) -> int:
@@ -58,12 +62,15 @@ def observe(partitioner: Partitioner, timeout_s: float = 1.0) -> list[PartitionO
     observations = {
         p.name: PartitionObservation(
             name=p.name,
-            queues={q: waiting.get(q, 0) for q in p.queues},
+            queues={q: waiting.get(q, 0) for q in (*p.queues, *p.breaker_queues)},
             min=p.min,
             max=p.max,
         )
         for p in partitioner.topology.partitions
     }
+    if partitioner.breakers is not None:
+        for p in partitioner.breakers.gated:
+            observations[p.name].breaker = _breaker(partitioner.breakers, p)
     for report in worker_reports(partitioner, timeout_s):
         found = observations.get(str(report.get("partition")))
         if found is None:
@@ -73,6 +80,26 @@ def observe(partitioner: Partitioner, timeout_s: float = 1.0) -> list[PartitionO
         found.reserved += sum(report["reserved"].values())
         found.running += sum(report["running"].values())
     return list(observations.values())
+
+
+def _breaker(breakers: Breakers, partition: Partition) -> dict[str, Any]:
+    try:
+        return breaker_figures(breakers.snapshot(partition))
+    except StoreUnavailable:
+        return {"state": "unknown: breaker store unreachable"}
+
+
+def breaker_figures(snapshot: Snapshot) -> dict[str, Any]:
+    """A breaker's state and rates, for `status` and `breaker show`."""
+    counts = snapshot.counts
+    return {
+        "state": str(snapshot.state),
+        "calls": counts.calls,
+        "failure_rate": round(counts.rate(counts.failures), 3),
+        "slow_call_rate": round(counts.rate(counts.slow), 3),
+        "half_open_in_s": round(snapshot.open_left_s, 3),
+        "reopens": snapshot.reopens,
+    }
 
 
 def waiting_counts(partitioner: Partitioner) -> dict[str, int]:

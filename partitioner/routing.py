@@ -7,6 +7,7 @@ from typing import Any
 
 from kombu import Exchange, Queue
 
+from partitioner.breaker.producer import PROBE_HEADER, ProducerGate
 from partitioner.errors import RoutingError
 from partitioner.topology import Topology
 
@@ -35,6 +36,7 @@ class Router:
         self.queues = queues
         # Called before routing while the broker is not known yet; it may raise.
         self.before_route: Callable[[], object] | None = None
+        self.gate: ProducerGate | None = None
 
     def __call__(
         self,
@@ -53,4 +55,10 @@ class Router:
             if name.startswith(CELERY_BUILTIN_PREFIX):
                 return None
             raise
-        return {"queue": self.queues[route.queue]}
+        if self.gate is None:
+            return {"queue": self.queues[route.queue]}
+        admission = self.gate.admit(route.partition)
+        found: dict[str, Any] = {"queue": self.queues[admission.queue]}
+        if admission.probe:
+            found["headers"] = {PROBE_HEADER: True}
+        return found

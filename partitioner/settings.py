@@ -49,6 +49,7 @@ CONFIG_ENV = "PARTITIONER_CONFIG"
 # Set by `partitioner launch` for the worker processes it starts; not user settings.
 INTERNAL_ENV = {"PARTITIONER_CONFIG", "PARTITIONER_WORKER"}
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
+STATE_SCHEMES = ("redis", "rediss", "unix")
 PartitionName = re.compile(r"^[a-z][a-z0-9_]*$")
 Loc = tuple[str | int, ...]
 
@@ -191,6 +192,15 @@ class Settings(BaseSettings):
         None,
         description="Broker URL (redis://, rediss://, amqp://). Unset: the embedded server.",
     )
+    name: str = Field(
+        "default",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Name of this application; namespaces its breaker keys in Redis.",
+    )
+    state_url: str | None = Field(
+        None,
+        description="Redis URL of the breakers' shared state. Default: the broker, if Redis.",
+    )
     budget: PositiveInt | None = Field(
         None,
         description="Total concurrency all partitions on a host may use. Default: sum of max.",
@@ -216,6 +226,17 @@ class Settings(BaseSettings):
         scheme = urlsplit(value).scheme
         if scheme not in BROKER_SCHEMES:
             known = ", ".join(f"{s}://" for s in BROKER_SCHEMES)
+            raise ValueError(f"unsupported scheme {scheme or '(none)'!r}; use one of {known}")
+        return value
+
+    @field_validator("state_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        scheme = urlsplit(value).scheme
+        if scheme not in STATE_SCHEMES:
+            known = ", ".join(f"{s}://" for s in STATE_SCHEMES)
             raise ValueError(f"unsupported scheme {scheme or '(none)'!r}; use one of {known}")
         return value
 
@@ -402,7 +423,7 @@ def _describe(exc: ValidationError, origins: Origins) -> list[str]:
             message = "is required"
         elif message.startswith("Value error, "):
             message = message[len("Value error, ") :]
-        if loc[:1] == ("broker_url",) and isinstance(value, str):
+        if loc[:1] in (("broker_url",), ("state_url",)) and isinstance(value, str):
             value = mask_url(value)
         # A whole table (a rule across its fields) is named, not printed.
         quiet = isinstance(value, dict) or error["type"] in (

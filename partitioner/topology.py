@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
+from partitioner.breaker.machine import Policy
 from partitioner.errors import RoutingError, SettingsError
-from partitioner.settings import Loc, Origins, PartitionSettings, Settings, setting_name
+from partitioner.settings import (
+    BreakerSettings,
+    Loc,
+    Origins,
+    PartitionSettings,
+    Settings,
+    setting_name,
+)
 
 DEFAULT_PARTITION = "default"
 _WILDCARDS = re.compile(r"[*?]|\[[^\]]*\]")
@@ -33,11 +41,47 @@ class Partition:
     concurrency: int
     prefetch: int
     pool: str
+    breaker: BreakerSettings = field(default_factory=BreakerSettings)
 
     @property
     def queue(self) -> str:
         """The queue that tasks are routed to; a worker consumes all of `queues`."""
         return self.queues[0]
+
+    @property
+    def probe_queue(self) -> str:
+        """Where the half-open breaker's probe tasks wait; consumed while half-open."""
+        return f"{self.name}.probe"
+
+    @property
+    def parking_queue(self) -> str:
+        """Where the producer gate parks tasks while the breaker is open; never consumed."""
+        return f"{self.name}.parked"
+
+    @property
+    def breaker_queues(self) -> tuple[str, ...]:
+        """The queues the breaker adds, when it is enabled."""
+        if not self.breaker.enabled:
+            return ()
+        return self.probe_queue, self.parking_queue
+
+    @property
+    def policy(self) -> Policy:
+        """The breaker's rules, in the pure state machine's terms."""
+        b = self.breaker
+        return Policy(
+            window=b.window,
+            window_calls=b.window_calls,
+            window_ms=round(b.window_s * 1000),
+            min_calls=b.min_calls,
+            failure_rate=b.failure_rate,
+            slow_call_ms=None if b.slow_call_s is None else round(b.slow_call_s * 1000),
+            slow_call_rate=b.slow_call_rate,
+            open_ms=round(b.open_s * 1000),
+            open_backoff=b.open_backoff,
+            open_max_ms=round(b.open_max_s * 1000),
+            half_open_probes=b.half_open_probes,
+        )
 
     def worker_name(self, host: str) -> str:
         """The Celery node name of this partition's worker on `host`."""
@@ -69,7 +113,7 @@ class Topology:
         self.budget = budget
         self.by_name = {p.name: p for p in self.partitions}
         self.default = self.by_name.get(DEFAULT_PARTITION)
-        self._by_queue = {q: p for p in self.partitions for q in p.queues}
+        self._by_queue = {q: p for p in self.partitions for q in (*p.queues, *p.breaker_queues)}
         self._patterns = sorted(
             ((pattern, p) for p in self.partitions for pattern in p.patterns),
             key=lambda item: specificity(item[0]),
@@ -92,7 +136,7 @@ class Topology:
 
     @property
     def queues(self) -> tuple[str, ...]:
-        """Every queue of every partition, in declaration order."""
+        """Every queue of every partition, the breakers' included, in declaration order."""
         return tuple(self._by_queue)
 
     def partition_of_queue(self, queue: str) -> Partition | None:
@@ -143,6 +187,7 @@ def _partition(name: str, ps: PartitionSettings) -> Partition:
         concurrency=ps.initial,
         prefetch=ps.prefetch,
         pool=ps.pool,
+        breaker=ps.breaker,
     )
 
 

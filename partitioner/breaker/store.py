@@ -23,7 +23,7 @@ class Snapshot:
     reopens: int = 0
     permits: int = 0
     probe_ok: int = 0
-    transition: Transition | None = None
+    transitions: tuple[Transition, ...] = ()
 
     @property
     def open_left_s(self) -> float:

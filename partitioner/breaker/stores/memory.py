@@ -69,5 +69,5 @@ class MemoryStore:
             reopens=breaker.reopens,
             permits=breaker.permits,
             probe_ok=breaker.probe_ok,
-            transition=moved,
+            transitions=(moved,) if moved else (),
         )

@@ -90,7 +90,7 @@ def _snapshot(reply: list[Any]) -> Snapshot:
         reopens=int(reopens),
         permits=int(permits),
         probe_ok=int(probe_ok),
-        transition=transitions[-1] if transitions else None,
+        transitions=tuple(transitions),
     )
 
 

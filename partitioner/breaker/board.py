@@ -1,0 +1,92 @@
+"""The breakers of one app's partitions: the shared store, each partition's policy, and the
+log lines a person cares about (a transition, the store going away and coming back)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from partitioner.breaker.machine import Outcome, State
+from partitioner.breaker.store import BreakerStore, Snapshot
+from partitioner.errors import StoreUnavailable
+from partitioner.topology import Partition, Topology
+
+log = logging.getLogger(__name__)
+
+
+class StoreHealth:
+    """Whether the store answers; a change is logged once, not once per publish."""
+
+    def __init__(self) -> None:
+        self.reachable = True
+        self._lock = threading.Lock()
+
+    def failed(self, exc: BaseException) -> None:
+        with self._lock:
+            if not self.reachable:
+                return
+            self.reachable = False
+        log.warning(
+            "breaker store unreachable (%s); gates follow on_store_error until it returns", exc
+        )
+
+    def answered(self) -> None:
+        with self._lock:
+            if self.reachable:
+                return
+            self.reachable = True
+        log.info("breaker store reachable again; gates follow the breakers")
+
+
+class Breakers:
+    """Every partition's breaker, over one store shared by all processes and hosts."""
+
+    def __init__(self, store: BreakerStore, topology: Topology) -> None:
+        self.store = store
+        self.topology = topology
+        self.health = StoreHealth()
+
+    @property
+    def gated(self) -> list[Partition]:
+        """The partitions whose breaker is enabled."""
+        return [p for p in self.topology.partitions if p.breaker.enabled]
+
+    def record(self, partition: Partition, outcome: Outcome) -> Snapshot | None:
+        """Count an outcome; None when the store cannot be reached (the outcome is lost)."""
+        try:
+            snapshot = self.store.record(partition.name, partition.policy, outcome)
+        except StoreUnavailable as exc:
+            self.health.failed(exc)
+            return None
+        return self._seen(partition, snapshot)
+
+    def claim(self, partition: Partition) -> bool:
+        """Claim a probe permit. Raises `StoreUnavailable`."""
+        try:
+            snapshot, granted = self.store.claim(partition.name, partition.policy)
+        except StoreUnavailable as exc:
+            self.health.failed(exc)
+            raise
+        self._seen(partition, snapshot)
+        return granted
+
+    def snapshot(self, partition: Partition) -> Snapshot:
+        """The breaker now. Raises `StoreUnavailable`."""
+        try:
+            snapshot = self.store.snapshot(partition.name, partition.policy)
+        except StoreUnavailable as exc:
+            self.health.failed(exc)
+            raise
+        return self._seen(partition, snapshot)
+
+    def set(self, partition: Partition, state: State, reason: str) -> Snapshot:
+        """Put a breaker in a state by hand. Raises `StoreUnavailable`."""
+        return self._seen(partition, self.store.set(partition.name, state, reason))
+
+    def _seen(self, partition: Partition, snapshot: Snapshot) -> Snapshot:
+        # Each transition comes back from exactly one atomic step in one process, so
+        # logging it here logs it once across every process and host.
+        self.health.answered()
+        for moved in snapshot.transitions:
+            log.info("%s: breaker %s -> %s: %s", partition.name, moved.old, moved.new, moved.reason)
+        return snapshot

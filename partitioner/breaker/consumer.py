@@ -1,0 +1,255 @@
+"""The consumer gate: a worker stops fetching from its partition's queues while the breaker
+halts it, fetches only probes while it is half-open, and reports every task's outcome.
+
+It is a Celery consumer bootstep, so it applies the wanted queues again whenever the consumer
+restarts after a broker reconnect: a cancelled queue stays cancelled. Between restarts a
+thread watches the breaker and asks the worker's own consumer, over remote control (which
+runs in the consumer's thread), to add or cancel queues. The same thread, in the one worker
+of the partition holding a lease, moves tasks: waiting tasks into the probe queue while
+half-open (one per probe permit), and parked tasks back to the partition's queue, at
+`replay_rate`, once the breaker has closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+from billiard.einfo import ExceptionWithTraceback
+from billiard.exceptions import WorkerLostError
+from celery import bootsteps
+from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
+from celery.signals import task_prerun, task_success
+from celery.utils.imports import symbol_by_name
+
+from partitioner.app import WORKER_ENV, Partitioner, partitioner_of
+from partitioner.breaker.board import Breakers
+from partitioner.breaker.machine import Outcome, State
+from partitioner.breaker.producer import PROBE_HEADER
+from partitioner.breaker.transfer import Transfer
+from partitioner.errors import StoreUnavailable
+from partitioner.topology import Partition
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.05
+LEASE_MS = 3000
+# Failures whatever the record and ignore lists say.
+ALWAYS_FAILURES = (TimeLimitExceeded, SoftTimeLimitExceeded, WorkerLostError)
+
+
+class ConsumerGate(bootsteps.StartStopStep):  # type: ignore[misc]
+    """The partition worker's half of the breaker."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        super().__init__(c, **kwargs)
+        self.partitioner: Partitioner = partitioner_of(c.app)
+        self.hostname = str(c.hostname)
+        self.worker = os.environ.get(WORKER_ENV, self.hostname)
+        self.partition = self.partitioner.topology.by_name[self.worker.split("@", 1)[0]]
+        self.enabled = self.partition.breaker.enabled and self.partitioner.breakers is not None
+        self.applied: frozenset[str] | None = None
+        self._thread: threading.Thread | None = None
+        if self.enabled:
+            assert self.partitioner.breakers is not None
+            record_outcomes(c.app, self.partitioner.breakers, self.partition)
+
+    def start(self, c: Any) -> None:
+        if not self.enabled:
+            return
+        wanted = self.wanted()
+        current = {q.name for q in c.task_consumer.queues}
+        for queue in sorted(wanted - current):
+            c.add_task_queue(queue)
+        for queue in sorted((self.gated & current) - wanted):
+            c.cancel_task_queue(queue)
+        self.applied = wanted
+        log.debug("%s: consuming %s", self.partition.name, sorted(wanted) or "nothing")
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._watch, args=(c.app,), name="partitioner-gate", daemon=True
+            )
+            self._thread.start()
+
+    @property
+    def gated(self) -> frozenset[str]:
+        """Every queue the gate decides about."""
+        return frozenset((*self.partition.queues, self.partition.probe_queue))
+
+    def wanted(self) -> frozenset[str]:
+        """The queues this worker should consume now."""
+        p = self.partition
+        assert self.partitioner.view is not None
+        seen = self.partitioner.view.get(p.name)
+        if seen is None:
+            return self.gated if p.breaker.on_store_error == "allow" else frozenset()
+        state = seen.now()
+        if state is State.HALF_OPEN:
+            return frozenset((p.probe_queue,))
+        return frozenset() if state.halts else self.gated
+
+    def _watch(self, app: Any) -> None:
+        mover = Mover(self.partitioner, self.partition, self.worker)
+        while True:
+            try:
+                wanted = self.wanted()
+                if wanted != self.applied:
+                    self._request(app, wanted)
+                mover.tick()
+            except Exception:  # the gate must outlive any one failure; it retries next tick
+                log.exception("%s: consumer gate step failed", self.partition.name)
+            time.sleep(TICK_S)
+
+    def _request(self, app: Any, wanted: frozenset[str]) -> None:
+        destination = [self.hostname]
+        for queue in sorted(wanted):
+            app.control.add_consumer(queue, destination=destination, reply=False)
+        for queue in sorted(self.gated - wanted):
+            app.control.cancel_consumer(queue, destination=destination, reply=False)
+        self.applied = wanted
+        consuming = ", ".join(sorted(wanted)) or "nothing"
+        log.info("%s: consumer gate: consuming %s", self.partition.name, consuming)
+
+
+class Mover:
+    """Moves a partition's tasks between its queues, in the one worker holding the lease."""
+
+    def __init__(self, partitioner: Partitioner, partition: Partition, worker: str) -> None:
+        assert partitioner.breakers is not None and partitioner.view is not None
+        self.breakers: Breakers = partitioner.breakers
+        self.view = partitioner.view
+        self.partition = partition
+        self.worker = worker
+        self.transfer = Transfer(partitioner)
+        self.lease_key = f"{partitioner.view.channel}:mover:{partition.name}"
+        self._replay_budget = 0.0
+        self._last = time.monotonic()
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        elapsed, self._last = now - self._last, now
+        seen = self.view.get(self.partition.name)
+        if seen is None or not self._lease():
+            return
+        state = seen.now()
+        if state is State.HALF_OPEN:
+            self._feed_probes()
+        elif not state.halts:
+            self._replay(elapsed)
+
+    def _lease(self) -> bool:
+        client = self.view.client
+        if client.set(self.lease_key, self.worker, nx=True, px=LEASE_MS):
+            return True
+        if client.get(self.lease_key) == self.worker.encode():
+            client.pexpire(self.lease_key, LEASE_MS)
+            return True
+        return False
+
+    def _feed_probes(self) -> None:
+        p = self.partition
+        for source in (*p.queues, p.parking_queue):
+            while self.transfer.waiting(source) > 0:
+                try:
+                    if not self.breakers.claim(p):
+                        return
+                except StoreUnavailable:
+                    return
+                self.transfer.move(source, p.probe_queue, headers={PROBE_HEADER: True})
+
+    def _replay(self, elapsed_s: float) -> None:
+        p = self.partition
+        rate = p.breaker.replay_rate
+        self._replay_budget = min(rate, self._replay_budget + rate * elapsed_s)
+        while self._replay_budget >= 1 and self.transfer.move(p.parking_queue, p.queue):
+            self._replay_budget -= 1
+
+
+def record_outcomes(app: Any, breakers: Breakers, partition: Partition) -> None:
+    """Report the outcome of every task this worker runs to the partition's breaker.
+
+    Failures are reported by the worker's main process, through a Request class wrapped
+    around each task's own: it alone sees every failure, a lost pool process and a hard time
+    limit included. Successes are reported by the pool process that ran the task, because
+    Celery's fast success path in the main process calls no overridable hook.
+    """
+    reporter = Reporter(breakers, partition)
+    for task in app.tasks.values():
+        if not task.name.startswith("celery."):
+            task.Request = _reporting(task.Request, reporter)
+
+    started: dict[str, float] = {}
+
+    def on_prerun(task_id: str, **kwargs: Any) -> None:
+        started[task_id] = time.monotonic()
+
+    def on_success(sender: Any, **kwargs: Any) -> None:
+        request = sender.request
+        began = started.pop(request.id, None)
+        runtime = time.monotonic() - began if began is not None else 0.0
+        if not sender.name.startswith("celery."):
+            reporter.report(None, runtime, getattr(request, PROBE_HEADER, False))
+
+    task_prerun.connect(on_prerun, weak=False)
+    task_success.connect(on_success, weak=False)
+
+
+def _reporting(base: Any, reporter: Reporter) -> type:
+    request_class = symbol_by_name(base)
+
+    class ReportingRequest(request_class):  # type: ignore[misc, valid-type]
+        def on_failure(self, exc_info: Any, *args: Any, **kwargs: Any) -> Any:
+            started = self.time_start
+            runtime = time.time() - started if started else 0.0
+            probe = self._request_dict.get(PROBE_HEADER, False)
+            reporter.report(_exception(exc_info), runtime, probe)
+            return super().on_failure(exc_info, *args, **kwargs)
+
+    return ReportingRequest
+
+
+class Reporter:
+    """Turns a task's end into an `Outcome`, by the partition's record and ignore lists."""
+
+    def __init__(self, breakers: Breakers, partition: Partition) -> None:
+        self.breakers = breakers
+        self.partition = partition
+        self.slow_s = partition.breaker.slow_call_s
+
+    def report(self, exc: BaseException | None, runtime_s: float, probe: object) -> None:
+        failed = self.failed(exc)
+        if failed is None:
+            return
+        slow = self.slow_s is not None and runtime_s >= self.slow_s
+        self.breakers.record(self.partition, Outcome(failed, slow, bool(probe)))
+
+    def failed(self, exc: BaseException | None) -> bool | None:
+        """True, False, or None for an exception in the ignore list."""
+        if exc is None:
+            return False
+        if isinstance(exc, Retry) and isinstance(exc.exc, BaseException):
+            exc = exc.exc
+        if isinstance(exc, ALWAYS_FAILURES):
+            return True
+        names = _dotted_names(type(exc))
+        if names & set(self.partition.breaker.ignore):
+            return None
+        record = set(self.partition.breaker.record)
+        return not record or bool(names & record)
+
+
+def _exception(exc_info: Any) -> BaseException:
+    exc: BaseException = exc_info.exception
+    if isinstance(exc, ExceptionWithTraceback):
+        exc = exc.exc
+    return exc
+
+
+def _dotted_names(kind: type) -> set[str]:
+    # An exception matches a listed name if it is that class or a subclass of it.
+    return {f"{k.__module__}.{k.__qualname__}" for k in kind.__mro__}
