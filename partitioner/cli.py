@@ -98,8 +98,12 @@ def check(ctx: click.Context) -> None:
     settings, origins = _settings(ctx)
     topology = Topology.from_settings(settings, origins)
     click.echo(f"broker: {mask_url(settings.broker_url)}")
+    store = settings.state_url or "the broker, if Redis"
+    click.echo(f"breaker state: {mask_url(store) if settings.state_url else store}")
     click.echo(f"budget: {topology.budget}")
-    header = ("partition", "tasks", "queues", "min", "conc", "max", "pool", "prefetch")
+    header = (
+        "partition", "tasks", "queues", "min", "conc", "max", "pool", "prefetch", "breaker",
+    )  # fmt: skip
     rows = [
         (
             p.name,
@@ -110,6 +114,7 @@ def check(ctx: click.Context) -> None:
             str(p.max),
             p.pool,
             str(p.prefetch),
+            f"{p.breaker.on_open}, open {p.breaker.open_s:g} s" if p.breaker.enabled else "off",
         )
         for p in topology.partitions
     ]
