@@ -9,7 +9,6 @@ shutdown) first, then SIGKILL for the whole process tree.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -21,11 +20,12 @@ from typing import IO
 
 from celery import Celery
 
+from partitioner.launch import die_with_parent
+
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.5
 PING_TIMEOUT_S = 1.0
-PR_SET_PDEATHSIG = 1
 
 
 class FleetError(RuntimeError):
@@ -59,7 +59,7 @@ class Fleet:
             stderr=subprocess.STDOUT,
             # Its own session: a Ctrl-C reaches the benchmark only, which stops it.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         pid = self.process.pid
         log.info("%s: started pid %d, output in %s", self.title, pid, self.log_path)
@@ -155,12 +155,3 @@ def _parent_of(proc_entry: Path) -> int | None:
         return None
     # The command name in parentheses may hold spaces; the fields after it are fixed.
     return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _die_with_parent() -> None:
-    # If the benchmark is killed outright, its fleet gets SIGTERM instead of running on.
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass

@@ -10,7 +10,6 @@ whether the other three services noticed. It runs from the project folder, the o
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -19,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -34,6 +33,7 @@ from rich.text import Text
 from partitioner.app import Partitioner, attach
 from partitioner.embedded import EmbeddedServer
 from partitioner.errors import PartitionerError
+from partitioner.launch import die_with_parent
 from partitioner.settings import CONFIG_ENV, load_settings, mask_url
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class Demo:
                 stderr=subprocess.STDOUT,
                 # Only the demo hears Ctrl-C; it then sends the launcher a single SIGTERM.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         self.console.print(f"launching the shop's partitions (logs in {logs})")
         return launcher
@@ -427,12 +427,6 @@ def _ms(value: float | None) -> str:
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt  # SIGTERM cleans up the same way as Ctrl-C
-
-
-def _die_with_parent() -> None:
-    # If the demo is killed outright, the launcher gets SIGTERM and stops its workers warmly.
-    with suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def run_demo(duration_s: float, state_dir: Path | None) -> None:

@@ -184,7 +184,7 @@ class Launcher:
             stderr=subprocess.STDOUT if output else None,
             # The launcher alone receives the terminal's Ctrl-C and forwards one SIGTERM.
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         worker.started_at = time.monotonic()
         worker.restart_at = None
@@ -288,9 +288,12 @@ def launch(app_spec: str, **options: Any) -> int:
     return Launcher(worker_spec, partitioner_of(app), **options).run()
 
 
-def _die_with_parent() -> None:
-    # If the launcher is killed outright, its workers get SIGTERM (a warm shutdown) instead
-    # of running on unsupervised.
+def die_with_parent() -> None:
+    """In a child process before exec: get SIGTERM when the parent dies.
+
+    If a launcher (or the demo, or a benchmark) is killed outright, its workers then get a
+    warm shutdown instead of running on unsupervised.
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -220,25 +220,13 @@ class Settings(BaseSettings):
 
     @field_validator("broker_url")
     @classmethod
-    def _known_scheme(cls, value: str | None) -> str | None:
-        if value is None or value == "":
-            return None
-        scheme = urlsplit(value).scheme
-        if scheme not in BROKER_SCHEMES:
-            known = ", ".join(f"{s}://" for s in BROKER_SCHEMES)
-            raise ValueError(f"unsupported scheme {scheme or '(none)'!r}; use one of {known}")
-        return value
+    def _broker_scheme(cls, value: str | None) -> str | None:
+        return _url_with_scheme(value, BROKER_SCHEMES)
 
     @field_validator("state_url")
     @classmethod
-    def _redis_scheme(cls, value: str | None) -> str | None:
-        if value is None or value == "":
-            return None
-        scheme = urlsplit(value).scheme
-        if scheme not in STATE_SCHEMES:
-            known = ", ".join(f"{s}://" for s in STATE_SCHEMES)
-            raise ValueError(f"unsupported scheme {scheme or '(none)'!r}; use one of {known}")
-        return value
+    def _state_scheme(cls, value: str | None) -> str | None:
+        return _url_with_scheme(value, STATE_SCHEMES)
 
     @field_validator("partitions")
     @classmethod
@@ -266,6 +254,16 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         toml = TomlConfigSettingsSource(settings_cls, toml_file=_config_file.get())
         return init_settings, env_settings, dotenv_settings, toml
+
+
+def _url_with_scheme(value: str | None, schemes: tuple[str, ...]) -> str | None:
+    if not value:
+        return None
+    scheme = urlsplit(value).scheme
+    if scheme not in schemes:
+        known = ", ".join(f"{s}://" for s in schemes)
+        raise ValueError(f"unsupported scheme {scheme or '(none)'!r}; use one of {known}")
+    return value
 
 
 def mask_url(url: str | None) -> str:
