@@ -1,6 +1,7 @@
-"""Benchmarks of Partitioner against stock Celery, on the reference shop in `workers/`.
+"""Benchmarks of Partitioner: against stock Celery on the reference shop in `workers/`
+(`isolation`), and its breaker against pybreaker's, shared through Redis (`breakers`).
 
 Each scenario is one command, e.g. `python -m bench.isolation --help`, and
-`scripts/bench` runs them. Results are printed as markdown tables and written as JSON
-to `bench/results/`.
+`scripts/bench [SCENARIO]` runs them. Results are printed as markdown tables and
+written as JSON to `bench/results/`.
 """
