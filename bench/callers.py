@@ -121,19 +121,19 @@ class PartitionerCaller:
         end = time.time()
         outcome = Outcome(failed=failed, probe=probe)
         self._note(self.store.record(PARTITION, self.policy, outcome))
-        self.log.call(start, end, failed, probe)
+        self.log.call(start, end, failed, bool(probe))
         return True
 
-    def _admit(self) -> bool | None:
-        """None: refused; False: a normal call; True: a probe."""
+    def _admit(self) -> int | None:
+        """None: refused; 0: a normal call; else a probe, as its half-open period's id."""
         snapshot = self._note(self.store.snapshot(PARTITION, self.policy))
         if snapshot.state is State.CLOSED:
-            return False
+            return 0
         if snapshot.state is not State.HALF_OPEN:
             return None
         snapshot, granted = self.store.claim(PARTITION, self.policy)
         self._note(snapshot)
-        return True if granted else None
+        return snapshot.period if granted else None
 
     def _note(self, snapshot: Snapshot) -> Snapshot:
         # The store's clock when it made the change: the moment every process saw it.

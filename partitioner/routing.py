@@ -60,5 +60,5 @@ class Router:
         admission = self.gate.admit(route.partition)
         found: dict[str, Any] = {"queue": self.queues[admission.queue]}
         if admission.probe:
-            found["headers"] = {PROBE_HEADER: True}
+            found["headers"] = {PROBE_HEADER: admission.probe}
         return found

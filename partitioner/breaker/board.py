@@ -60,15 +60,17 @@ class Breakers:
             return None
         return self._seen(partition, snapshot)
 
-    def claim(self, partition: Partition) -> bool:
-        """Claim a probe permit. Raises `StoreUnavailable`."""
+    def claim(self, partition: Partition) -> int:
+        """Claim a probe permit: the half-open period's id, or 0 if refused.
+
+        Raises `StoreUnavailable`."""
         try:
             snapshot, granted = self.store.claim(partition.name, partition.policy)
         except StoreUnavailable as exc:
             self.health.failed(exc)
             raise
         self._seen(partition, snapshot)
-        return granted
+        return snapshot.period if granted else 0
 
     def snapshot(self, partition: Partition) -> Snapshot:
         """The breaker now. Raises `StoreUnavailable`."""

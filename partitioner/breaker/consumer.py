@@ -156,11 +156,12 @@ class Mover:
         for source in (*p.queues, p.parking_queue):
             while self.transfer.waiting(source) > 0:
                 try:
-                    if not self.breakers.claim(p):
-                        return
+                    period = self.breakers.claim(p)
                 except StoreUnavailable:
                     return
-                self.transfer.move(source, p.probe_queue, headers={PROBE_HEADER: True})
+                if not period:
+                    return
+                self.transfer.move(source, p.probe_queue, headers={PROBE_HEADER: period})
 
     def _replay(self, elapsed_s: float) -> None:
         p = self.partition
@@ -193,7 +194,7 @@ def record_outcomes(app: Any, breakers: Breakers, partition: Partition) -> None:
         began = started.pop(request.id, None)
         runtime = time.monotonic() - began if began is not None else 0.0
         if not sender.name.startswith("celery."):
-            reporter.report(None, runtime, getattr(request, PROBE_HEADER, False))
+            reporter.report(None, runtime, getattr(request, PROBE_HEADER, 0))
 
     task_prerun.connect(on_prerun, weak=False)
     task_success.connect(on_success, weak=False)
@@ -206,7 +207,7 @@ def _reporting(base: Any, reporter: Reporter) -> type:
         def on_failure(self, exc_info: Any, *args: Any, **kwargs: Any) -> Any:
             started = self.time_start
             runtime = time.time() - started if started else 0.0
-            probe = self._request_dict.get(PROBE_HEADER, False)
+            probe = self._request_dict.get(PROBE_HEADER, 0)
             reporter.report(_exception(exc_info), runtime, probe)
             return super().on_failure(exc_info, *args, **kwargs)
 
@@ -226,7 +227,9 @@ class Reporter:
         if failed is None:
             return
         slow = self.slow_s is not None and runtime_s >= self.slow_s
-        self.breakers.record(self.partition, Outcome(failed, slow, bool(probe)))
+        # The header carries the half-open period that admitted the probe; 0 for none.
+        period = probe if isinstance(probe, int) and not isinstance(probe, bool) else 0
+        self.breakers.record(self.partition, Outcome(failed, slow, period))
 
     def failed(self, exc: BaseException | None) -> bool | None:
         """True, False, or None for an exception in the ignore list."""

@@ -9,6 +9,11 @@ drive both with the same sequences to prove they agree.
     half_open --(half_open_probes probes succeeded)--> closed
     half_open --(a probe failed or was slow)--> open, for open_s x open_backoff^reopens
 
+Each half-open period has an id (the time it began); a probe's outcome carries the id of the
+period that admitted it, and counts only in that period. A probe that has not reported when
+the period's deadline (one open period, 10 s at least) passes is given up: its permit is
+granted again.
+
 `forced_open`, `disabled` and `metrics_only` are set by hand and left only by hand. A
 `metrics_only` breaker keeps its window but never opens; a `disabled` one records nothing.
 """
@@ -20,6 +25,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 BUCKETS = 10  # a time window is this many buckets of window_ms / BUCKETS each
+# A half-open period waits this long at least for its probes before granting lost ones again.
+PROBE_DEADLINE_MIN_MS = 10_000
 
 
 class State(enum.StrEnum):
@@ -66,14 +73,19 @@ class Policy:
         """How long the breaker stays open after `reopens` consecutive re-opens."""
         return min(self.open_max_ms, int(self.open_ms * self.open_backoff**reopens))
 
+    def probe_deadline_ms(self, reopens: int) -> int:
+        """How long a half-open period waits for its probes: one open period, 10 s at least."""
+        return max(self.open_for_ms(reopens), PROBE_DEADLINE_MIN_MS)
+
 
 @dataclass(frozen=True)
 class Outcome:
-    """How one task ended: failed or not, slow or not, and whether it was a probe."""
+    """How one task ended: failed or not, slow or not, and the half-open period that
+    admitted it as a probe (0: not a probe)."""
 
     failed: bool
     slow: bool = False
-    probe: bool = False
+    probe: int = 0
 
 
 @dataclass(frozen=True)
@@ -142,18 +154,31 @@ class Breaker:
     """One partition's breaker at one moment."""
 
     state: State = State.CLOSED
-    until_ms: int = 0  # end of the open period, when open
+    until_ms: int = 0  # end of the open period, or the half-open period's deadline
     reopens: int = 0  # consecutive re-opens from half_open
+    period: int = 0  # id of the half-open period: the time it began
     permits: int = 0  # probes admitted in this half_open period
     probe_ok: int = 0  # of which succeeded
     window: Window = field(default_factory=Window)
 
     def advance(self, policy: Policy, now_ms: int) -> tuple[Breaker, Transition | None]:
-        """Move from open to half_open once the open period is over."""
+        """Move from open to half_open once the open period is over; in half_open, grant
+        again the permits of probes that did not report before the deadline."""
         if self.state is State.OPEN and now_ms >= self.until_ms:
-            moved = replace(self, state=State.HALF_OPEN, permits=0, probe_ok=0)
-            seconds = policy.open_for_ms(self.reopens) / 1000
-            return moved, Transition(self.state, moved.state, f"open for {seconds:g} s")
+            open_for_ms = policy.open_for_ms(self.reopens)
+            moved = replace(
+                self,
+                state=State.HALF_OPEN,
+                until_ms=now_ms + policy.probe_deadline_ms(self.reopens),
+                period=max(now_ms, 1),  # 0 marks an outcome that is no probe
+                permits=0,
+                probe_ok=0,
+            )
+            reason = f"open for {open_for_ms / 1000:g} s"
+            return moved, Transition(self.state, moved.state, reason)
+        if self.state is State.HALF_OPEN and now_ms >= self.until_ms:
+            until_ms = now_ms + policy.probe_deadline_ms(self.reopens)
+            return replace(self, until_ms=until_ms, permits=self.probe_ok), None
         return self, None
 
     def record(
@@ -165,7 +190,7 @@ class Breaker:
             breaker = replace(breaker, window=breaker.window.add(policy, outcome, now_ms))
             if breaker.state is State.CLOSED:
                 return breaker._maybe_trip(policy, now_ms, moved)
-        elif breaker.state is State.HALF_OPEN and outcome.probe:
+        elif breaker.state is State.HALF_OPEN and outcome.probe == breaker.period:
             return breaker._judge_probe(policy, outcome, now_ms)
         return breaker, moved
 

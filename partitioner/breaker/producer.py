@@ -22,10 +22,10 @@ RETRY_AFTER_S = 1.0
 
 @dataclass(frozen=True)
 class Admission:
-    """Where the gate sends a task: its queue, and whether it is a probe."""
+    """Where the gate sends a task: its queue, and the half-open period of a probe."""
 
     queue: str
-    probe: bool = False
+    probe: int = 0
 
 
 class ProducerGate:
@@ -48,8 +48,9 @@ class ProducerGate:
             return Admission(partition.queue)
         if state is State.HALF_OPEN:
             try:
-                if self.breakers.claim(partition):
-                    return Admission(partition.probe_queue, probe=True)
+                period = self.breakers.claim(partition)
+                if period:
+                    return Admission(partition.probe_queue, probe=period)
             except StoreUnavailable:
                 return self._store_away(partition)
         return self._halt(partition, max(seen.retry_after_s, RETRY_AFTER_S), str(state))

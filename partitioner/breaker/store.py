@@ -23,6 +23,7 @@ class Snapshot:
     reopens: int = 0
     permits: int = 0
     probe_ok: int = 0
+    period: int = 0  # id of the half-open period; a probe's outcome must carry it
     transitions: tuple[Transition, ...] = ()
 
     @property
@@ -41,7 +42,9 @@ class BreakerStore(Protocol):
         ...
 
     def claim(self, partition: str, policy: Policy) -> tuple[Snapshot, bool]:
-        """Claim a half-open probe permit; True only for `half_open_probes` claims."""
+        """Claim a half-open probe permit; True only for `half_open_probes` claims.
+
+        The snapshot's `period` is what the probe's outcome must carry."""
         ...
 
     def set(self, partition: str, state: State, reason: str) -> Snapshot:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 REFRESH_S = 1.0
 RETRY_S = 1.0
+RESUBSCRIBE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,16 @@ class BreakerView:
             try:
                 self._follow()
             except (redis.RedisError, StoreUnavailable, OSError) as exc:
-                self._seen = {}
-                self.breakers.health.failed(exc)
-                self._stopped.wait(RETRY_S)
+                log.debug("breaker subscription lost (%s); subscribing again", exc)
+                # A dropped subscription (a reconnect, CLIENT KILL) is not a store gone away:
+                # forgetting the breakers would open every gate to on_store_error. Only a
+                # refresh that fails forgets them, and reports the store unreachable.
+                try:
+                    self.refresh()
+                except StoreUnavailable:
+                    self._stopped.wait(RETRY_S)
+                else:
+                    self._stopped.wait(RESUBSCRIBE_S)
 
     def _follow(self) -> None:
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]

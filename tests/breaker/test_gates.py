@@ -91,7 +91,8 @@ def test_half_open_admits_exactly_the_probes_then_halts() -> None:
     # Then two become probes and three are parked
     assert (
         admissions
-        == [Admission("payment.probe", probe=True)] * 2 + [Admission("payment.parked")] * 3
+        == [Admission("payment.probe", probe=store.breakers["payment"].period)] * 2
+        + [Admission("payment.parked")] * 3
     )
 
 
@@ -168,7 +169,7 @@ def test_slow_successes_and_probes_are_reported_as_such() -> None:
     store = MemoryStore()
     reporter = Reporter(Breakers(store, Topology([p], budget=1)), p)
 
-    reporter.report(None, runtime_s=0.6, probe=False)
-    reporter.report(None, runtime_s=0.7, probe=False)
+    reporter.report(None, runtime_s=0.6, probe=0)
+    reporter.report(None, runtime_s=0.7, probe=0)
 
     assert store.breakers["payment"].state is State.OPEN

@@ -9,8 +9,14 @@ from partitioner.breaker.machine import Breaker, Outcome, Policy, State
 FAIL = Outcome(failed=True)
 OK = Outcome(failed=False)
 SLOW = Outcome(failed=False, slow=True)
-PROBE_OK = Outcome(failed=False, probe=True)
-PROBE_FAIL = Outcome(failed=True, probe=True)
+
+
+def probe_ok(breaker: Breaker) -> Outcome:
+    return Outcome(failed=False, probe=breaker.period)
+
+
+def probe_failed(breaker: Breaker) -> Outcome:
+    return Outcome(failed=True, probe=breaker.period)
 
 
 def feed(breaker: Breaker, policy: Policy, outcomes: list[Outcome], now_ms: int = 0) -> Breaker:
@@ -83,9 +89,9 @@ def test_open_period_ends_in_half_open_and_probes_close_it() -> None:
     # Then outcomes of tasks that are not probes decide nothing; probes close it.
     breaker = feed(breaker, policy, [FAIL, OK], now_ms=1600)
     assert breaker.state is State.HALF_OPEN
-    breaker = feed(breaker, policy, [PROBE_OK], now_ms=1600)
+    breaker = feed(breaker, policy, [probe_ok(breaker)], now_ms=1600)
     assert breaker.state is State.HALF_OPEN
-    breaker, moved = breaker.record(policy, PROBE_OK, 1600)
+    breaker, moved = breaker.record(policy, probe_ok(breaker), 1600)
     assert breaker == Breaker()
     assert moved is not None and moved.reason == "2 of 2 probes succeeded"
 
@@ -97,7 +103,7 @@ def test_failed_probe_reopens_for_longer_up_to_the_cap() -> None:
     for _ in range(4):
         start = breaker.until_ms
         breaker, _, _ = breaker.claim(policy, start)
-        breaker, moved = breaker.record(policy, PROBE_FAIL, start)
+        breaker, moved = breaker.record(policy, probe_failed(breaker), start)
         assert moved is not None and moved.reason.startswith("probe failed")
         periods.append(breaker.until_ms - start)
     assert periods == [2000, 3000, 3000, 3000]
@@ -133,3 +139,37 @@ def test_close_by_hand_clears_the_window() -> None:
 def test_automatic_states_cannot_be_set_by_hand(state: State) -> None:
     with pytest.raises(ValueError, match="reached by the breaker itself"):
         Breaker().set(state, "by hand")
+
+
+def test_probe_of_an_earlier_half_open_period_decides_nothing() -> None:
+    # Given a probe admitted in one half-open period that reports after the next began
+    policy = Policy(min_calls=1, open_ms=100, half_open_probes=2)
+    breaker = feed(Breaker(), policy, [FAIL], now_ms=0)
+    breaker, _, _ = breaker.claim(policy, 100)
+    late = probe_ok(breaker)
+    breaker, _, _ = breaker.claim(policy, 100)
+    breaker, _ = breaker.record(policy, probe_failed(breaker), 100)  # reopens until 300
+    breaker, _, _ = breaker.claim(policy, 300)
+    assert breaker.state is State.HALF_OPEN
+
+    # When it reports, it is not counted in the new period
+    breaker, moved = breaker.record(policy, late, 310)
+    assert moved is None
+    assert (breaker.state, breaker.probe_ok) == (State.HALF_OPEN, 0)
+
+
+def test_permits_of_probes_that_never_report_are_granted_again() -> None:
+    # Given a half-open period whose only probe never reports
+    policy = Policy(min_calls=1, open_ms=100, half_open_probes=1)
+    breaker = feed(Breaker(), policy, [FAIL], now_ms=0)
+    breaker, granted, _ = breaker.claim(policy, 100)
+    assert granted
+    breaker, granted, _ = breaker.claim(policy, 150)
+    assert not granted
+
+    # When the period's deadline (one open period, 10 s at least) passes, its permit is
+    # granted again
+    breaker, granted, _ = breaker.claim(policy, 100 + 9_999)
+    assert not granted
+    breaker, granted, _ = breaker.claim(policy, 100 + 10_000)
+    assert granted and breaker.state is State.HALF_OPEN

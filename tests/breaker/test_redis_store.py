@@ -11,7 +11,7 @@ import redis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from partitioner.breaker.machine import Outcome, Policy, State
+from partitioner.breaker.machine import Breaker, Outcome, Policy, State
 from partitioner.breaker.stores.memory import MemoryStore
 from partitioner.breaker.stores.redis import RedisStore
 
@@ -27,7 +27,10 @@ def client() -> Iterator[redis.Redis]:
     client.close()
 
 
-outcomes = st.builds(Outcome, failed=st.booleans(), slow=st.booleans(), probe=st.booleans())
+# probe=1 stands for "a probe of the current half-open period"; the test fills in its id.
+outcomes = st.builds(
+    Outcome, failed=st.booleans(), slow=st.booleans(), probe=st.sampled_from([0, 1, 7])
+)
 ops = st.one_of(
     st.tuples(st.just("record"), outcomes),
     st.tuples(st.just("claim"), st.none()),
@@ -64,6 +67,10 @@ def test_redis_store_agrees_with_the_pure_machine(
     for op, arg in steps:
         if op == "record":
             assert isinstance(arg, Outcome)
+            if arg.probe == 1:
+                arg = Outcome(
+                    arg.failed, arg.slow, probe=memory.breakers.get("p", Breaker()).period
+                )
             remote = store.record("p", policy, arg)
             now["ms"] = remote.now_ms
             local = memory.record("p", policy, arg)
@@ -79,8 +86,12 @@ def test_redis_store_agrees_with_the_pure_machine(
             local = memory.set("p", arg, "test")
 
         # then both hold the same breaker after each.
-        assert (remote.state, remote.counts, remote.reopens, remote.permits, remote.probe_ok) == (
-            local.state, local.counts, local.reopens, local.permits, local.probe_ok
+        assert (
+            remote.state, remote.counts, remote.reopens, remote.permits, remote.probe_ok,
+            remote.period, remote.until_ms,
+        ) == (
+            local.state, local.counts, local.reopens, local.permits, local.probe_ok,
+            local.period, local.until_ms,
         )  # fmt: skip
     client.close()
 

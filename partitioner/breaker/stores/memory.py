@@ -69,5 +69,6 @@ class MemoryStore:
             reopens=breaker.reopens,
             permits=breaker.permits,
             probe_ok=breaker.probe_ok,
+            period=breaker.period,
             transitions=(moved,) if moved else (),
         )

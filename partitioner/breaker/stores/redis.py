@@ -42,7 +42,7 @@ class RedisStore:
         return [base, f"{base}:count", f"{base}:time"]
 
     def record(self, partition: str, policy: Policy, outcome: Outcome) -> Snapshot:
-        flags = [int(outcome.failed), int(outcome.slow), int(outcome.probe)]
+        flags = [int(outcome.failed), int(outcome.slow), outcome.probe]
         return _snapshot(self._run("record", partition, policy, *flags))
 
     def claim(self, partition: str, policy: Policy) -> tuple[Snapshot, bool]:
@@ -76,7 +76,9 @@ def _ttl_ms(policy: Policy) -> int:
 
 
 def _snapshot(reply: list[Any]) -> Snapshot:
-    state, until_ms, now_ms, calls, failures, slow, reopens, permits, probe_ok, events = reply
+    state, until_ms, now_ms, calls, failures, slow, reopens, permits, probe_ok, period, events = (
+        reply
+    )
     transitions = [
         Transition(State(e["old"]), State(e["new"]), e["reason"], int(e["until_ms"]))
         for e in json.loads(events)
@@ -90,6 +92,7 @@ def _snapshot(reply: list[Any]) -> Snapshot:
         reopens=int(reopens),
         permits=int(permits),
         probe_ok=int(probe_ok),
+        period=int(period),
         transitions=tuple(transitions),
     )
 

@@ -7,21 +7,25 @@ local state_key, count_key, time_key = KEYS[1], KEYS[2], KEYS[3]
 local P = cjson.decode(ARGV[1])
 local channel, partition, ttl_ms = ARGV[2], ARGV[3], tonumber(ARGV[4])
 local BUCKETS = 10
+local PROBE_DEADLINE_MIN_MS = 10000
 local MANUAL = {forced_open = true, disabled = true, metrics_only = true}
 
 -- The server's clock: every process on every host sees the same time.
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local events = {}
+local dirty = false  -- set when a step changed the breaker without a transition
 
 local function load()
-  local v = redis.call('HMGET', state_key, 'state', 'until', 'reopens', 'permits', 'probe_ok')
+  local v = redis.call('HMGET', state_key, 'state', 'until', 'reopens', 'permits', 'probe_ok',
+    'period')
   return {
     state = v[1] or 'closed',
     until_ms = tonumber(v[2]) or 0,
     reopens = tonumber(v[3]) or 0,
     permits = tonumber(v[4]) or 0,
     probe_ok = tonumber(v[5]) or 0,
+    period = tonumber(v[6]) or 0,
   }
 end
 
@@ -34,6 +38,10 @@ end
 
 local function open_for(reopens)
   return math.min(P.open_max_ms, math.floor(P.open_ms * P.open_backoff ^ reopens))
+end
+
+local function probe_deadline(reopens)
+  return math.max(open_for(reopens), PROBE_DEADLINE_MIN_MS)
 end
 
 local function bucket_ms()
@@ -93,7 +101,7 @@ local function counts()
 end
 
 local function reset(b, state)
-  b.state, b.until_ms, b.reopens, b.permits, b.probe_ok = state, 0, 0, 0, 0
+  b.state, b.until_ms, b.reopens, b.permits, b.probe_ok, b.period = state, 0, 0, 0, 0, 0
   clear_window()
 end
 
@@ -101,25 +109,29 @@ local function advance(b)
   if b.state == 'open' and now >= b.until_ms then
     emit(b, 'half_open', string.format('open for %g s', open_for(b.reopens) / 1000))
     b.state, b.permits, b.probe_ok = 'half_open', 0, 0
+    b.until_ms, b.period = now + probe_deadline(b.reopens), math.max(now, 1)
+  elseif b.state == 'half_open' and now >= b.until_ms then
+    -- Probes that did not report by the deadline are given up: grant their permits again.
+    b.until_ms, b.permits, dirty = now + probe_deadline(b.reopens), b.probe_ok, true
   end
 end
 
 local function open(b, reopens, reason)
   b.until_ms = now + open_for(reopens)
   emit(b, 'open', reason)
-  b.state, b.reopens, b.permits, b.probe_ok = 'open', reopens, 0, 0
+  b.state, b.reopens, b.permits, b.probe_ok, b.period = 'open', reopens, 0, 0, 0
   clear_window()
 end
 
-local function result(b)
+local function result_of(b)
   local calls, failures, slow = counts()
   return {b.state, b.until_ms, now, calls, failures, slow, b.reopens, b.permits, b.probe_ok,
-    cjson.encode(events)}
+    b.period, cjson.encode(events)}
 end
 
 local function save(b)
   redis.call('HSET', state_key, 'state', b.state, 'until', b.until_ms,
-    'reopens', b.reopens, 'permits', b.permits, 'probe_ok', b.probe_ok)
+    'reopens', b.reopens, 'permits', b.permits, 'probe_ok', b.probe_ok, 'period', b.period)
   if MANUAL[b.state] then
     redis.call('PERSIST', state_key)  -- a state set by hand lasts until changed by hand
   else
@@ -128,5 +140,5 @@ local function save(b)
   for _, event in ipairs(events) do
     redis.call('PUBLISH', channel, cjson.encode(event))
   end
-  return result(b)
+  return result_of(b)
 end

@@ -1,5 +1,5 @@
 -- Count one task's outcome and make the transition it causes.
--- ARGV[5] failed (0/1), ARGV[6] slow (0/1), ARGV[7] probe (0/1)
+-- ARGV[5] failed (0/1), ARGV[6] slow (0/1), ARGV[7] the half-open period of a probe (0: none)
 local failed, slow, probe = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local b = load()
 advance(b)
@@ -19,7 +19,7 @@ if b.state == 'closed' or b.state == 'metrics_only' then
       end
     end
   end
-elseif b.state == 'half_open' and probe == 1 then
+elseif b.state == 'half_open' and probe == b.period then
   if failed == 1 or slow == 1 then
     open(b, b.reopens + 1, string.format('probe %s (%d of %d succeeded)',
       failed == 1 and 'failed' or 'was slow', b.probe_ok, P.half_open_probes))

@@ -1,8 +1,8 @@
 -- The breaker now, after moving open to half_open if its period is over. Writes only when
--- that move happened, so that polling it costs no write.
+-- that changed something, so that polling it costs no write.
 local b = load()
 advance(b)
-if #events > 0 then
+if dirty or #events > 0 then
   return save(b)
 end
-return result(b)
+return result_of(b)
