@@ -373,6 +373,8 @@ class Demo:
             if self.producer is not None:
                 self._tidy_shop()
         finally:
+            if self.producer is not None and self.producer.view is not None:
+                self.producer.view.stop()  # it would report the stopped server as unreachable
             if self.server is not None:
                 self.server.stop()
             for sig, handler in previous.items():
