@@ -40,6 +40,8 @@ class Partitioner:
     queues: dict[str, Queue]
     router: Router
     broker_url: str | None
+    # The broker named by settings or by the app itself; None means the embedded server.
+    configured_broker: str | None = None
     breakers: Breakers | None = None
     view: BreakerView | None = None
 
@@ -49,18 +51,23 @@ class Partitioner:
         Raises `BrokerError` when there is none, rather than let Celery fall back to
         amqp://localhost and publish to, or count the queues of, some other broker.
         """
-        if self.broker_url is None:
-            found = self.app.conf.broker_url or embedded.discover(self.settings.state_dir)
-            if not found:
-                raise BrokerError(
-                    "no broker: PARTITIONER_BROKER_URL is not set and no embedded server "
-                    f"runs in {self.settings.state_dir}; start one with `partitioner launch`, "
-                    "or set PARTITIONER_BROKER_URL"
-                )
-            self.broker_url = self.app.conf.broker_url = str(found)
-            self.router.before_route = None
-            self.install_breakers()
-        return self.broker_url
+        if self.broker_url is not None:
+            return self.broker_url
+        found = embedded.discover(self.settings.state_dir)
+        if not found:
+            raise BrokerError(
+                "no broker: PARTITIONER_BROKER_URL is not set and no embedded server "
+                f"runs in {self.settings.state_dir}; start one with `partitioner launch`, "
+                "or set PARTITIONER_BROKER_URL"
+            )
+        self.use_broker(found)
+        return found
+
+    def use_broker(self, url: str) -> None:
+        """Make `url` the app's broker (the embedded server, once it is known)."""
+        self.broker_url = self.app.conf.broker_url = url
+        self.router.before_route = None
+        self.install_breakers()
 
     def install_breakers(self) -> None:
         """Open the breakers' store and put the producer gate in the router.
@@ -108,10 +115,12 @@ def attach(
         settings, origins = load_settings()
     topology = Topology.from_settings(settings, origins)
     queues = declare_queues(topology)
-    router = Router(topology, queues)
-    broker_url = settings.broker_url or embedded.discover(settings.state_dir)
+    router = Router(topology, queues, in_worker_task=lambda: app.current_worker_task is not None)
+    # The broker: PARTITIONER_BROKER_URL, else the app's own, else the embedded server.
+    configured = settings.broker_url or app.conf.broker_url or None
+    broker_url = configured or embedded.discover(settings.state_dir)
 
-    app.conf.update(_celery_settings(topology, queues, router, broker_url))
+    app.conf.update(_celery_settings(app, queues, router, broker_url))
     worker = os.environ.get(WORKER_ENV)
     if worker:
         app.conf.update(_worker_settings(app, worker, broker_url or app.conf.broker_url))
@@ -119,12 +128,13 @@ def attach(
 
         observe.register()
 
-    partitioner = Partitioner(app, settings, topology, queues, router, broker_url)
+    partitioner = Partitioner(app, settings, topology, queues, router, broker_url, configured)
     if broker_url is None:
         # The embedded server may start after this app is imported (by `partitioner
         # launch` in another process): find it on first publish.
         router.before_route = partitioner.find_broker
-    partitioner.install_breakers()
+    elif topology.partitions:
+        partitioner.install_breakers()
     if worker and partitioner.breakers is not None:
         from partitioner.breaker.consumer import ConsumerGate
 
@@ -151,11 +161,27 @@ def is_redis_url(url: str | None) -> bool:
 
 
 def _celery_settings(
-    topology: Topology, queues: dict[str, Queue], router: Router, broker_url: str | None
+    app: Celery, queues: dict[str, Queue], router: Router, broker_url: str | None
 ) -> dict[str, Any]:
+    topology = router.topology
+    # The app's own queues and routes stay: a queue of the same name keeps its own
+    # declaration (arguments included), and its routes apply to what no partition claims.
+    own_queues = [q for q in app.conf.task_queues or () if q.name not in queues]
+    declared = {q.name: q for q in app.conf.task_queues or () if q.name in queues}
+    queues.update(declared)
+    own_routes = app.conf.task_routes
+    own_routes = (
+        []
+        if own_routes is None
+        else (list(own_routes) if isinstance(own_routes, (list, tuple)) else [own_routes])
+    )
+    # The breakers' probe and parking queues stay out of task_queues, so that a worker
+    # started without -Q does not consume them, and `celery purge` does not empty them.
+    breaker_queues = {q for p in topology.partitions for q in p.breaker_queues}
+    consumed = [q for name, q in queues.items() if name not in breaker_queues]
     conf: dict[str, Any] = {
-        "task_queues": list(queues.values()),
-        "task_routes": (router,),
+        "task_queues": [*consumed, *own_queues],
+        "task_routes": (router, *own_routes),
         # JSON only: a broker message must never be able to run pickle on a worker.
         "task_serializer": "json",
         "result_serializer": "json",

@@ -149,15 +149,14 @@ class Launcher:
         return 0
 
     def _ensure_broker(self) -> None:
-        configured = self.partitioner.settings.broker_url
+        configured = self.partitioner.configured_broker
         if configured:
             log.info("broker %s", mask_url(configured))
             return
         # Even when attach() found a running embedded server: join it, or adopt it if the
         # launcher that started it is gone, so that someone stops it.
         self.server = EmbeddedServer.start(self.partitioner.settings.state_dir)
-        self.partitioner.broker_url = self.server.url
-        self.partitioner.app.conf.broker_url = self.server.url
+        self.partitioner.use_broker(self.server.url)
 
     def _start(self, worker: WorkerProcess) -> None:
         p = worker.partition

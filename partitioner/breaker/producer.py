@@ -35,13 +35,16 @@ class ProducerGate:
         self.breakers = breakers
         self.view = view
 
-    def admit(self, partition: Partition) -> Admission:
-        """The admission of one task of `partition`; raises `PartitionOpen` to reject it."""
+    def admit(self, partition: Partition, park: bool = False) -> Admission:
+        """The admission of one task of `partition`; raises `PartitionOpen` to reject it.
+
+        With `park`, a task that would be rejected is parked instead.
+        """
         if not partition.breaker.enabled:
             return Admission(partition.queue)
         seen = self.view.get(partition.name)
         if seen is None:
-            return self._store_away(partition)
+            return self._store_away(partition, park)
 
         state = seen.now()
         if not state.halts:
@@ -52,15 +55,18 @@ class ProducerGate:
                 if period:
                     return Admission(partition.probe_queue, probe=period)
             except StoreUnavailable:
-                return self._store_away(partition)
-        return self._halt(partition, max(seen.retry_after_s, RETRY_AFTER_S), str(state))
+                return self._store_away(partition, park)
+        return self._halt(partition, park, max(seen.retry_after_s, RETRY_AFTER_S), str(state))
 
-    def _store_away(self, partition: Partition) -> Admission:
+    def _store_away(self, partition: Partition, park: bool) -> Admission:
         if partition.breaker.on_store_error == "allow":
             return Admission(partition.queue)
-        return self._halt(partition, RETRY_AFTER_S, "unknown: breaker store unreachable")
+        why = "unknown: breaker store unreachable"
+        return self._halt(partition, park, RETRY_AFTER_S, why)
 
-    def _halt(self, partition: Partition, retry_after_s: float, state: str) -> Admission:
-        if partition.breaker.on_open == "park":
+    def _halt(
+        self, partition: Partition, park: bool, retry_after_s: float, state: str
+    ) -> Admission:
+        if park or partition.breaker.on_open == "park":
             return Admission(partition.parking_queue)
         raise PartitionOpen(partition.name, state, retry_after_s)
