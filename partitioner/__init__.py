@@ -6,22 +6,28 @@ Declare partitions in settings, call `attach(app)` on your Celery app, and run
 
 from partitioner.app import Partitioner, attach
 from partitioner.errors import (
+    BreakerError,
     BrokerError,
     LaunchError,
     PartitionerError,
+    PartitionOpen,
     RoutingError,
     SettingsError,
+    StoreUnavailable,
 )
 from partitioner.settings import Settings, load_settings
 
 __all__ = [
+    "BreakerError",
     "BrokerError",
     "LaunchError",
+    "PartitionOpen",
     "Partitioner",
     "PartitionerError",
     "RoutingError",
     "Settings",
     "SettingsError",
+    "StoreUnavailable",
     "attach",
     "load_settings",
 ]

@@ -136,7 +136,13 @@ def route(ctx: click.Context, task_name: str) -> None:
 @cli.command()
 @click.option("--app", "app_spec", required=True, help="The Celery app, as MODULE:ATTR.")
 @click.option("--hostname", default=None, help="Host part of worker names (default: this host).")
-@click.option("--loglevel", default="info", show_default=True, help="Workers' log level.")
+@click.option(
+    "--loglevel",
+    type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False),
+    default="info",
+    show_default=True,
+    help="Workers' log level.",
+)
 @click.option(
     "--log-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -206,12 +212,13 @@ def _breaker_cell(figures: dict[str, Any] | None) -> str:
     return cell
 
 
+# action: (state, reason logged with the transition, keep the window of outcomes)
 MANUAL_STATES = {
-    "open": (State.FORCED_OPEN, "opened by hand"),
-    "close": (State.CLOSED, "closed by hand"),
-    "reset": (State.CLOSED, "reset by hand: window and open periods forgotten"),
-    "disable": (State.DISABLED, "disabled by hand"),
-    "metrics-only": (State.METRICS_ONLY, "set to metrics only by hand"),
+    "open": (State.FORCED_OPEN, "opened by hand", False),
+    "close": (State.CLOSED, "closed by hand", True),
+    "reset": (State.CLOSED, "reset by hand: outcomes and re-opens forgotten", False),
+    "disable": (State.DISABLED, "disabled by hand", False),
+    "metrics-only": (State.METRICS_ONLY, "set to metrics only by hand", False),
 }
 
 
@@ -220,8 +227,8 @@ MANUAL_STATES = {
 Actions:
   show          state, failure and slow-call rates, time to half-open
   open          forced_open: halt dispatch until closed by hand
-  close         closed, its window cleared
-  reset         closed, its window and re-open count cleared
+  close         closed; outcomes in its window still count, and may re-open it
+  reset         closed, its window of outcomes and its re-open count cleared
   disable       disabled: no recording, no gating
   metrics-only  record outcomes, never open
 
@@ -251,8 +258,8 @@ def breaker(ctx: click.Context, action: str, partition: str) -> None:
     if action == "show":
         snapshot = attached.breakers.snapshot(found)
     else:
-        state, reason = MANUAL_STATES[action]
-        snapshot = attached.breakers.set(found, state, reason)
+        state, reason, keep_window = MANUAL_STATES[action]
+        snapshot = attached.breakers.set(found, state, reason, keep_window)
     click.echo(json.dumps({"partition": partition, **breaker_figures(snapshot)}, indent=2))
 
 

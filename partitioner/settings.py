@@ -267,15 +267,22 @@ def _url_with_scheme(value: str | None, schemes: tuple[str, ...]) -> str | None:
 
 
 def mask_url(url: str | None) -> str:
-    """The URL with its password replaced by `***`, fit for logs and output."""
+    """The URL with every password replaced by `***`, fit for logs and output.
+
+    Handles kombu's failover lists (`url1;url2`) and a `password=` query parameter.
+    """
     if not url:
         return "(embedded server)"
+    return ";".join(_mask_one(part) for part in url.split(";"))
+
+
+def _mask_one(url: str) -> str:
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.password is not None:
+        host = parts.netloc.rsplit("@", 1)[-1]
+        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
+    query = re.sub(r"(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(query=query))
 
 
 class Origins:

@@ -143,7 +143,10 @@ def test_queues_default_to_the_partition_name_and_explicit_ones_are_kept() -> No
     assert routes.by_name["payment"].queues == ("payment",)
     assert routes.by_name["order"].queues == ("orders", "bulk")
     assert routes.route("shop.order.create").queue == "orders"
-    assert routes.queues == ("payment", "orders", "bulk")
+    assert routes.queues == (
+        "payment", "payment.probe", "payment.parked", "orders", "bulk", "order.probe",
+        "order.parked",
+    )  # fmt: skip
     assert routes.partition_of_queue("bulk") is routes.by_name["order"]
     assert routes.partition_of_queue("nobody") is None
 

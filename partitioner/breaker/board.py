@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from partitioner.breaker.machine import Outcome, State
 from partitioner.breaker.store import BreakerStore, Snapshot
@@ -14,15 +15,27 @@ from partitioner.topology import Partition, Topology
 log = logging.getLogger(__name__)
 
 
+# While the store is away, outcomes are dropped for this long before the next try, so that
+# a task does not wait for a store timeout every time.
+RETRY_S = 1.0
+
+
 class StoreHealth:
     """Whether the store answers; a change is logged once, not once per publish."""
 
     def __init__(self) -> None:
         self.reachable = True
+        self.failed_at = 0.0
         self._lock = threading.Lock()
+
+    @property
+    def resting(self) -> bool:
+        """True while the store was unreachable less than RETRY_S ago."""
+        return not self.reachable and time.monotonic() - self.failed_at < RETRY_S
 
     def failed(self, exc: BaseException) -> None:
         with self._lock:
+            self.failed_at = time.monotonic()
             if not self.reachable:
                 return
             self.reachable = False
@@ -53,6 +66,8 @@ class Breakers:
 
     def record(self, partition: Partition, outcome: Outcome) -> Snapshot | None:
         """Count an outcome; None when the store cannot be reached (the outcome is lost)."""
+        if self.health.resting:
+            return None
         try:
             snapshot = self.store.record(partition.name, partition.policy, outcome)
         except StoreUnavailable as exc:
@@ -81,9 +96,12 @@ class Breakers:
             raise
         return self._seen(partition, snapshot)
 
-    def set(self, partition: Partition, state: State, reason: str) -> Snapshot:
+    def set(
+        self, partition: Partition, state: State, reason: str, keep_window: bool = False
+    ) -> Snapshot:
         """Put a breaker in a state by hand. Raises `StoreUnavailable`."""
-        return self._seen(partition, self.store.set(partition.name, state, reason))
+        snapshot = self.store.set(partition.name, state, reason, keep_window)
+        return self._seen(partition, snapshot)
 
     def _seen(self, partition: Partition, snapshot: Snapshot) -> Snapshot:
         # Each transition comes back from exactly one atomic step in one process, so

@@ -29,7 +29,7 @@ BUCKETS = 10  # a time window is this many buckets of window_ms / BUCKETS each
 PROBE_DEADLINE_MIN_MS = 10_000
 
 
-class State(enum.StrEnum):
+class State(str, enum.Enum):
     """A breaker's state."""
 
     CLOSED = "closed"
@@ -38,6 +38,9 @@ class State(enum.StrEnum):
     FORCED_OPEN = "forced_open"
     DISABLED = "disabled"
     METRICS_ONLY = "metrics_only"
+
+    def __str__(self) -> str:
+        return self.value
 
     @property
     def halts(self) -> bool:
@@ -201,11 +204,14 @@ class Breaker:
             return replace(breaker, permits=breaker.permits + 1), True, moved
         return breaker, False, moved
 
-    def set(self, state: State, reason: str) -> tuple[Breaker, Transition | None]:
-        """Put the breaker in `state` by hand: closed and its window cleared, or manual."""
+    def set(
+        self, state: State, reason: str, keep_window: bool = False
+    ) -> tuple[Breaker, Transition | None]:
+        """Put the breaker in `state` by hand. Its window is cleared, unless `keep_window`
+        (a manual close that keeps the evidence: failures still in it may re-open it)."""
         if state in (State.OPEN, State.HALF_OPEN):
             raise ValueError(f"{state} is reached by the breaker itself, not set by hand")
-        moved = Breaker(state=state)
+        moved = Breaker(state=state, window=self.window if keep_window else Window())
         if state is self.state:
             return moved, None
         return moved, Transition(self.state, state, reason)

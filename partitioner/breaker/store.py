@@ -47,8 +47,9 @@ class BreakerStore(Protocol):
         The snapshot's `period` is what the probe's outcome must carry."""
         ...
 
-    def set(self, partition: str, state: State, reason: str) -> Snapshot:
-        """Put a breaker in a state by hand (closed, forced_open, disabled, metrics_only)."""
+    def set(self, partition: str, state: State, reason: str, keep_window: bool = False) -> Snapshot:
+        """Put a breaker in a state by hand (closed, forced_open, disabled, metrics_only);
+        its window is cleared unless `keep_window`."""
         ...
 
     def snapshot(self, partition: str, policy: Policy) -> Snapshot:

@@ -37,10 +37,10 @@ class MemoryStore:
             breaker, granted, moved = self._get(partition).claim(policy, now_ms)
             return self._put(partition, breaker, policy, now_ms, moved), granted
 
-    def set(self, partition: str, state: State, reason: str) -> Snapshot:
+    def set(self, partition: str, state: State, reason: str, keep_window: bool = False) -> Snapshot:
         with self._lock:
             now_ms = self.clock()
-            breaker, moved = self._get(partition).set(state, reason)
+            breaker, moved = self._get(partition).set(state, reason, keep_window)
             return self._put(partition, breaker, Policy(), now_ms, moved)
 
     def snapshot(self, partition: str, policy: Policy) -> Snapshot:

@@ -49,8 +49,9 @@ class RedisStore:
         reply = self._run("claim", partition, policy)
         return _snapshot(reply[:-1]), bool(reply[-1])
 
-    def set(self, partition: str, state: State, reason: str) -> Snapshot:
-        return _snapshot(self._run("set", partition, Policy(), state.value, reason))
+    def set(self, partition: str, state: State, reason: str, keep_window: bool = False) -> Snapshot:
+        args = (state.value, reason, int(keep_window))
+        return _snapshot(self._run("set", partition, Policy(), *args))
 
     def snapshot(self, partition: str, policy: Policy) -> Snapshot:
         return _snapshot(self._run("snapshot", partition, policy))
