@@ -24,6 +24,7 @@ from partitioner.errors import (
     SettingsError,
 )
 from partitioner.settings import CONFIG_ENV, Origins, Settings, load_settings, mask_url
+from partitioner.routing import CELERY_BUILTIN_PREFIX
 from partitioner.topology import Topology
 
 
@@ -119,6 +120,12 @@ def check(ctx: click.Context) -> None:
         for p in topology.partitions
     ]
     click.echo(_table(header, rows))
+    if topology.default is None:
+        click.echo(
+            "note: Celery's own tasks (celery.chord_unlock, celery.backend_cleanup) go to "
+            "Celery's default queue 'celery', which no partition consumes; declare "
+            "[partitions.default] if you use chords or result expiry"
+        )
     click.echo("settings are valid")
 
 
@@ -128,7 +135,14 @@ def check(ctx: click.Context) -> None:
 def route(ctx: click.Context, task_name: str) -> None:
     """Say which partition and queue TASK_NAME goes to."""
     settings, origins = _settings(ctx)
-    found = Topology.from_settings(settings, origins).route(task_name)
+    topology = Topology.from_settings(settings, origins)
+    try:
+        found = topology.route(task_name)
+    except RoutingError:
+        if not task_name.startswith(CELERY_BUILTIN_PREFIX):
+            raise
+        click.echo(f"{task_name} -> Celery's default queue (no partition claims it)")
+        return
     why = f"pattern {found.pattern!r}" if found.pattern else "no pattern matched: default"
     click.echo(f"{task_name} -> partition {found.partition.name}, queue {found.queue} ({why})")
 
