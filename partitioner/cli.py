@@ -23,8 +23,8 @@ from partitioner.errors import (
     RoutingError,
     SettingsError,
 )
-from partitioner.settings import CONFIG_ENV, Origins, Settings, load_settings, mask_url
 from partitioner.routing import CELERY_BUILTIN_PREFIX
+from partitioner.settings import CONFIG_ENV, Origins, Settings, load_settings, mask_url
 from partitioner.topology import Topology
 
 
