@@ -8,7 +8,7 @@ workers consume.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from celery import Celery
@@ -40,6 +40,11 @@ def send(app: Celery, service: str, number: int, work_s: float) -> Sent:
     return Sent(str(result.id), service, sent_at)
 
 
+# How `steady` sends one task: `send`, or a wrapper that returns None for a task that
+# was not sent (one the producer gate rejected, say).
+Sender = Callable[[Celery, str, int, float], Sent | None]
+
+
 def burst(app: Celery, service: str, count: int, work_s: float) -> list[Sent]:
     """Send `count` tasks of `service` at once."""
     return [send(app, service, number, work_s) for number in range(count)]
@@ -51,11 +56,12 @@ def steady(
     rate_per_s: float,
     duration_s: float,
     work_s: float,
+    sender: Sender = send,
 ) -> list[Sent]:
     """Send `rate_per_s` tasks a second to each service for `duration_s`, from now.
 
     The services' sends are staggered within each interval rather than sent together, as
-    independent clients would send them.
+    independent clients would send them. Tasks that `sender` did not send are left out.
     """
     schedule = _schedule(tuple(services), rate_per_s, duration_s)
     start = time.monotonic()
@@ -64,7 +70,9 @@ def steady(
         delay_s = start + offset_s - time.monotonic()
         if delay_s > 0:
             time.sleep(delay_s)
-        sent.append(send(app, service, number, work_s))
+        found = sender(app, service, number, work_s)
+        if found is not None:
+            sent.append(found)
     return sent
 
 
