@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 WORKER_ENV = "PARTITIONER_WORKER"
 # A publish waits at most this long for the breaker store before on_store_error applies.
 STORE_TIMEOUT_S = 1.0
+# How soon a Redis worker starts reading a queue the consumer gate adds.
+QUEUE_ADD_WAIT_S = 0.1
 
 
 @dataclass
@@ -216,6 +218,9 @@ def _worker_settings(app: Celery, worker: str, broker_url: str | None) -> dict[s
         # from a consumer's own key, so the tasks of a worker whose name never runs again
         # stay unacknowledged until a launcher with the same --hostname starts.
         options = dict(app.conf.broker_transport_options or {})
+        # kombu adds a queue to its blocking read only when the read times out, so the
+        # consumer gate's resume waited up to 1 s (kombu's default) before the first task.
+        options.setdefault("polling_interval", QUEUE_ADD_WAIT_S)
         conf["broker_transport_options"] = options | unacked_keys(worker)
     return conf
 

@@ -67,7 +67,7 @@ class Router:
 
         # A task published by a running task (a retry, a chain's next step) is parked
         # rather than rejected: raising there would lose it or fail the task that sent it.
-        admission = self.gate.admit(route.partition, park=self.in_worker_task())
+        admission = self.gate.admit(route.partition, park=self.in_worker_task)
         if admission.queue == route.queue:
             return {"queue": self.queues[route.queue]}
 

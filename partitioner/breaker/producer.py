@@ -6,6 +6,7 @@ Redis round trip; only a half-open breaker asks the store, to claim a probe perm
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from partitioner.breaker.board import Breakers
@@ -35,10 +36,11 @@ class ProducerGate:
         self.breakers = breakers
         self.view = view
 
-    def admit(self, partition: Partition, park: bool = False) -> Admission:
+    def admit(self, partition: Partition, park: Callable[[], bool] = lambda: False) -> Admission:
         """The admission of one task of `partition`; raises `PartitionOpen` to reject it.
 
-        With `park`, a task that would be rejected is parked instead.
+        A task that would be rejected is parked instead when `park()` says so; it is asked
+        only then, to keep the closed path cheap.
         """
         if not partition.breaker.enabled:
             return Admission(partition.queue)
@@ -58,15 +60,15 @@ class ProducerGate:
                 return self._store_away(partition, park)
         return self._halt(partition, park, max(seen.retry_after_s, RETRY_AFTER_S), str(state))
 
-    def _store_away(self, partition: Partition, park: bool) -> Admission:
+    def _store_away(self, partition: Partition, park: Callable[[], bool]) -> Admission:
         if partition.breaker.on_store_error == "allow":
             return Admission(partition.queue)
         why = "unknown: breaker store unreachable"
         return self._halt(partition, park, RETRY_AFTER_S, why)
 
     def _halt(
-        self, partition: Partition, park: bool, retry_after_s: float, state: str
+        self, partition: Partition, park: Callable[[], bool], retry_after_s: float, state: str
     ) -> Admission:
-        if park or partition.breaker.on_open == "park":
+        if partition.breaker.on_open == "park" or park():
             return Admission(partition.parking_queue)
         raise PartitionOpen(partition.name, state, retry_after_s)
