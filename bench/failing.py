@@ -19,7 +19,7 @@ services, runs through three phases without a pause: 10 s with no fault ("no fau
 after it recovers ("recovered", fault `ok`).
 
 Measured, from the shop's completion ledger and the transitions published on the
-breaker channel `partitioner:<settings name>:breaker` (subscribed to before the
+breaker channel `partitioner:<settings name>:breaker:db<N>` (subscribed to before the
 traffic starts). An execution is a ledger entry: a task that ran, failed or not; it
 counts in the period or phase in which it ended (its `done_at`).
 
@@ -276,7 +276,8 @@ def run_layout(key: str, args: Namespace, workdir: Path) -> Run:
     fleet = build_fleet(key, args, workdir)
     run = Run(key, fleet.title, args.grace)
     partitioner = partitioner_of(fleet.app)
-    channel = f"partitioner:{partitioner.settings.name}:breaker"
+    assert partitioner.view is not None, "payment's breaker needs a Redis store"
+    channel = partitioner.view.channel
     listener = TransitionLog(control.require_client(), channel)
     try:
         fleet.start()

@@ -62,7 +62,7 @@ def observe(partitioner: Partitioner, timeout_s: float = 1.0) -> list[PartitionO
     observations = {
         p.name: PartitionObservation(
             name=p.name,
-            queues={q: waiting.get(q, 0) for q in (*p.queues, *p.breaker_queues)},
+            queues={q: waiting.get(q, 0) for q in _queues(partitioner, p)},
             min=p.min,
             max=p.max,
         )
@@ -80,6 +80,13 @@ def observe(partitioner: Partitioner, timeout_s: float = 1.0) -> list[PartitionO
         found.reserved += sum(report["reserved"].values())
         found.running += sum(report["running"].values())
     return list(observations.values())
+
+
+def _queues(partitioner: Partitioner, partition: Partition) -> tuple[str, ...]:
+    # The probe and parking queues exist only where the breakers are on.
+    if partitioner.breakers is None:
+        return partition.queues
+    return (*partition.queues, *partition.breaker_queues)
 
 
 def _breaker(breakers: Breakers, partition: Partition) -> dict[str, Any]:
@@ -111,8 +118,10 @@ def waiting_counts(partitioner: Partitioner) -> dict[str, int]:
         with app.connection_for_read() as connection:
             connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_S)
             channel = connection.default_channel
-            for name, queue in partitioner.queues.items():
-                counts[name] = int(queue.bind(channel).queue_declare().message_count)
+            for p in partitioner.topology.partitions:
+                for name in _queues(partitioner, p):
+                    queue = partitioner.queues[name].bind(channel)
+                    counts[name] = int(queue.queue_declare().message_count)
     except connection_errors(app) as exc:
         raise unreachable(app, exc) from exc
     return counts

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Any
 
+import redis
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery import bootsteps
@@ -95,6 +96,7 @@ class ConsumerGate(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def _watch(self, app: Any) -> None:
         mover = Mover(self.partitioner, self.partition, self.worker)
+        failing = False
         while True:
             try:
                 wanted = self.wanted()
@@ -102,13 +104,29 @@ class ConsumerGate(bootsteps.StartStopStep):  # type: ignore[misc]
                     self._request(app, wanted)
                 mover.tick()
             except Exception:  # the gate must outlive any one failure; it retries next tick
-                log.exception("%s: consumer gate step failed", self.partition.name)
+                # Logged once per run of failures: a broker that is away for a minute would
+                # otherwise log a traceback every tick.
+                if not failing:
+                    log.exception(
+                        "%s: consumer gate step failed; retrying every %g s",
+                        self.partition.name,
+                        TICK_S,
+                    )
+                failing = True
+            else:
+                if failing:
+                    log.info("%s: consumer gate steps succeed again", self.partition.name)
+                failing = False
             time.sleep(TICK_S)
 
     def _request(self, app: Any, wanted: frozenset[str]) -> None:
         destination = [self.hostname]
         for queue in sorted(wanted):
-            app.control.add_consumer(queue, destination=destination, reply=False)
+            # Named in full: the probe queue is not in task_queues (see app.py).
+            app.control.add_consumer(
+                queue, exchange=queue, exchange_type="direct", routing_key=queue,
+                destination=destination, reply=False,
+            )  # fmt: skip
         for queue in sorted(self.gated - wanted):
             app.control.cancel_consumer(queue, destination=destination, reply=False)
         self.applied = wanted
@@ -144,11 +162,15 @@ class Mover:
 
     def _lease(self) -> bool:
         client = self.view.client
-        if client.set(self.lease_key, self.worker, nx=True, px=LEASE_MS):
-            return True
-        if client.get(self.lease_key) == self.worker.encode():
-            client.pexpire(self.lease_key, LEASE_MS)
-            return True
+        try:
+            if client.set(self.lease_key, self.worker, nx=True, px=LEASE_MS):
+                return True
+            if client.get(self.lease_key) == self.worker.encode():
+                client.pexpire(self.lease_key, LEASE_MS)
+                return True
+        except redis.RedisError as exc:
+            # The store went away before the view noticed: no mover, and one warning.
+            self.breakers.health.failed(exc)
         return False
 
     def _feed_probes(self) -> None:

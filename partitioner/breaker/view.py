@@ -97,7 +97,6 @@ class BreakerView:
         with self._lock:
             if self._pid == os.getpid():
                 return
-            self._pid = os.getpid()
             self._seen = {}
             # Until the thread reaches the store, the gates follow on_store_error.
             with contextlib.suppress(StoreUnavailable):
@@ -105,6 +104,9 @@ class BreakerView:
             thread = threading.Thread(target=self._listen, name="partitioner-breakers")
             thread.daemon = True
             thread.start()
+            # Marked started only now: another thread's first publish waits on the lock for
+            # this first read, rather than take the empty view for a store out of reach.
+            self._pid = os.getpid()
 
     def _listen(self) -> None:
         while not self._stopped.is_set():

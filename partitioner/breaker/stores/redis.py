@@ -2,7 +2,7 @@
 
 Keys are namespaced per application and partition (`partitioner:<app>:breaker:<name>`) and
 expire when unused; states set by hand never expire. Every transition is published on
-`partitioner:<app>:breaker`, so that every process learns of it at once.
+`partitioner:<app>:breaker:db<N>`, so that every process learns of it at once.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ class RedisStore:
     def __init__(self, client: redis.Redis, namespace: str) -> None:
         self.client = client
         self.namespace = namespace
-        self.channel = f"partitioner:{namespace}:breaker"
+        # Pub/sub ignores the database number: the channel names it, so that breakers of
+        # the same name in two databases of one server stay apart.
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        self.channel = f"partitioner:{namespace}:breaker:db{db}"
         self._scripts = {op: client.register_script(_source(op)) for op in OPS}
 
     def keys(self, partition: str) -> list[str]:
