@@ -22,8 +22,15 @@ import redis
 from billiard.einfo import ExceptionWithTraceback
 from billiard.exceptions import WorkerLostError
 from celery import bootsteps
-from celery.exceptions import Retry, SoftTimeLimitExceeded, TimeLimitExceeded
-from celery.signals import task_prerun, task_success
+from celery.exceptions import (
+    Ignore,
+    Reject,
+    Retry,
+    SoftTimeLimitExceeded,
+    Terminated,
+    TimeLimitExceeded,
+)
+from celery.signals import task_postrun, task_prerun, task_success
 from celery.utils.imports import symbol_by_name
 
 from partitioner.app import WORKER_ENV, Partitioner, partitioner_of
@@ -31,15 +38,22 @@ from partitioner.breaker.board import Breakers
 from partitioner.breaker.machine import Outcome, State
 from partitioner.breaker.producer import PROBE_HEADER
 from partitioner.breaker.transfer import Transfer
-from partitioner.errors import StoreUnavailable
+from partitioner.errors import PartitionOpen, StoreUnavailable
 from partitioner.topology import Partition
 
 log = logging.getLogger(__name__)
 
 TICK_S = 0.05
+# The mover looks at the queues less often than the gate at the breaker: an empty look
+# costs a broker round trip per priority list.
+MOVE_EVERY_S = 0.25
 LEASE_MS = 3000
 # Failures whatever the record and ignore lists say.
 ALWAYS_FAILURES = (TimeLimitExceeded, SoftTimeLimitExceeded, WorkerLostError)
+# Ends of a task that say nothing of its dependency: a revoke or a cancel on connection
+# loss (Terminated), a replaced or ignored task (Ignore), a rejected message, a shutdown,
+# and a task its own partition's breaker held back.
+NOT_OUTCOMES = (Terminated, Ignore, Reject, SystemExit, KeyboardInterrupt, PartitionOpen)
 
 
 class ConsumerGate(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -102,7 +116,7 @@ class ConsumerGate(bootsteps.StartStopStep):  # type: ignore[misc]
                 wanted = self.wanted()
                 if wanted != self.applied:
                     self._request(app, wanted)
-                mover.tick()
+                mover.tick(time.monotonic())
             except Exception:  # the gate must outlive any one failure; it retries next tick
                 # Logged once per run of failures: a broker that is away for a minute would
                 # otherwise log a traceback every tick.
@@ -148,8 +162,10 @@ class Mover:
         self._replay_budget = 0.0
         self._last = time.monotonic()
 
-    def tick(self) -> None:
-        now = time.monotonic()
+    def tick(self, now: float) -> None:
+        """Move what the breaker's state asks for; at most every MOVE_EVERY_S."""
+        if now - self._last < MOVE_EVERY_S:
+            return
         elapsed, self._last = now - self._last, now
         seen = self.view.get(self.partition.name)
         if seen is None or not self._lease():
@@ -157,8 +173,17 @@ class Mover:
         state = seen.now()
         if state is State.HALF_OPEN:
             self._feed_probes()
-        elif not state.halts:
+        elif state.halts:
+            self._unprobe()
+        else:
             self._replay(elapsed)
+
+    def _unprobe(self) -> None:
+        # Probes of a period that re-opened the breaker before they ran would run as extra
+        # probes of the next period: while open (no probe is admitted), move them back.
+        p = self.partition
+        while self.transfer.move(p.probe_queue, p.queue):
+            pass
 
     def _lease(self) -> bool:
         client = self.view.client
@@ -188,7 +213,8 @@ class Mover:
     def _replay(self, elapsed_s: float) -> None:
         p = self.partition
         rate = p.breaker.replay_rate
-        self._replay_budget = min(rate, self._replay_budget + rate * elapsed_s)
+        # A budget of one task at least, so that a rate below 1/s still replays.
+        self._replay_budget = min(max(rate, 1.0), self._replay_budget + rate * elapsed_s)
         while self._replay_budget >= 1 and self.transfer.move(p.parking_queue, p.queue):
             self._replay_budget -= 1
 
@@ -213,13 +239,17 @@ def record_outcomes(app: Any, breakers: Breakers, partition: Partition) -> None:
 
     def on_success(sender: Any, **kwargs: Any) -> None:
         request = sender.request
-        began = started.pop(request.id, None)
+        began = started.get(request.id)
         runtime = time.monotonic() - began if began is not None else 0.0
         if not sender.name.startswith("celery."):
             reporter.report(None, runtime, getattr(request, PROBE_HEADER, 0))
 
+    def on_postrun(task_id: str, **kwargs: Any) -> None:
+        started.pop(task_id, None)  # after every end, not only a success
+
     task_prerun.connect(on_prerun, weak=False)
     task_success.connect(on_success, weak=False)
+    task_postrun.connect(on_postrun, weak=False)
 
 
 def _reporting(base: Any, reporter: Reporter) -> type:
@@ -254,11 +284,15 @@ class Reporter:
         self.breakers.record(self.partition, Outcome(failed, slow, period))
 
     def failed(self, exc: BaseException | None) -> bool | None:
-        """True, False, or None for an exception in the ignore list."""
+        """True, False, or None for an end that says nothing of the dependency."""
         if exc is None:
             return False
-        if isinstance(exc, Retry) and isinstance(exc.exc, BaseException):
+        if isinstance(exc, Retry):
+            if not isinstance(exc.exc, BaseException):
+                return None  # self.retry() with no exception: a plan, not a failure
             exc = exc.exc
+        if isinstance(exc, NOT_OUTCOMES):
+            return None
         if isinstance(exc, ALWAYS_FAILURES):
             return True
         names = _dotted_names(type(exc))

@@ -58,7 +58,8 @@ class ProducerGate:
                     return Admission(partition.probe_queue, probe=period)
             except StoreUnavailable:
                 return self._store_away(partition, park)
-        return self._halt(partition, park, max(seen.retry_after_s, RETRY_AFTER_S), str(state))
+        retry_after_s = seen.retry_after_s if state is State.OPEN else RETRY_AFTER_S
+        return self._halt(partition, park, retry_after_s, str(state))
 
     def _store_away(self, partition: Partition, park: Callable[[], bool]) -> Admission:
         if partition.breaker.on_store_error == "allow":

@@ -1,8 +1,9 @@
 """Moving tasks between a partition's queues on the broker, for the consumer gate's mover.
 
-On Redis a move without new headers is one LMOVE per priority list: atomic, so a task is
-moved exactly once. Otherwise (RabbitMQ, or a probe that needs its header) the message is
-fetched, published to its new queue and only then acknowledged.
+On Redis (6.2 or later) a move without new headers is one LMOVE of the list kombu keeps per
+priority: atomic, so a task is moved exactly once. Otherwise (RabbitMQ, or a probe that
+needs its header) the message is fetched, published to its new queue and only then
+acknowledged.
 """
 
 from __future__ import annotations
@@ -12,10 +13,6 @@ from typing import Any
 from kombu import Connection
 
 from partitioner.app import Partitioner
-
-# kombu's Redis transport keeps a list per priority step: "<queue>\x06\x16<step>".
-REDIS_PRIORITY_SEP = "\x06\x16"
-REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
 
 
 class Transfer:
@@ -65,10 +62,14 @@ class Transfer:
         return True
 
     def _lmove(self, source: str, destination: str) -> bool:
-        client = self.connection.default_channel.client
-        for step in REDIS_PRIORITY_STEPS:
-            suffix = f"{REDIS_PRIORITY_SEP}{step}" if step else ""
+        channel = self.connection.default_channel
+        # kombu's own naming of the list per priority step, and its key prefix, which its
+        # client does not add to LMOVE.
+        prefix = getattr(channel, "global_keyprefix", "")
+        for step in channel.priority_steps:
+            src = prefix + channel._q_for_pri(source, step)
+            dst = prefix + channel._q_for_pri(destination, step)
             # kombu pushes on the left and pops on the right: right is the oldest end.
-            if client.lmove(source + suffix, destination + suffix, "RIGHT", "LEFT") is not None:
+            if channel.client.lmove(src, dst, "RIGHT", "LEFT") is not None:
                 return True
         return False

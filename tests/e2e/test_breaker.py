@@ -732,9 +732,11 @@ def test_gate_changed_while_the_broker_is_away_holds_after_it_returns(
         assert broker.llen("payment") == len(sent)
     assert not set(sent) & set(runs(shop))
 
-    # And the gate's failures while the broker was away were logged once, not every tick
-    assert len(lines(gated.worker_log, "consumer gate step failed")) == 1
-    assert lines(gated.worker_log, "consumer gate steps succeed again")
+    # And the gate's failures while the broker was away were logged once at most, not every
+    # tick (whether its mover tried the broker during the outage depends on timing)
+    failures = lines(gated.worker_log, "consumer gate step failed")
+    assert len(failures) <= 1
+    assert len(lines(gated.worker_log, "consumer gate steps succeed again")) == len(failures)
 
     # When the breaker is closed by hand
     closed = gated.breaker("close", "payment")
