@@ -43,22 +43,19 @@ clock for pybreaker.
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import multiprocessing
-import os
 import platform
 import queue
-import shlex
 import sys
 import time
 from argparse import Namespace
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from multiprocessing.process import BaseProcess
 from multiprocessing.queues import Queue
 from pathlib import Path
@@ -66,8 +63,9 @@ from typing import Any
 
 import redis
 
-from bench import callers, report, trips
+from bench import callers, options, report, runinfo, trips
 from bench.callers import Settings
+from bench.options import Option
 from bench.trips import Call, Change, RoundFigures, Schedule
 
 log = logging.getLogger("bench.breakers")
@@ -81,7 +79,7 @@ READY_TIMEOUT_S = 60.0
 START_DELAY_S = 0.3
 JOIN_GRACE_S = 10.0
 
-OPTIONS: list[tuple[str, type, object, str]] = [
+OPTIONS: list[Option] = [
     ("--redis", str, DEFAULT_REDIS_URL, "Redis URL; the database is FLUSHED first"),
     ("--processes", int, 8, "processes sharing the breaker"),
     ("--rounds", int, 3, "rounds of failure then recovery"),
@@ -117,22 +115,13 @@ class BreakerRun:
 
 
 def parse_args(argv: list[str] | None) -> Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.breakers",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = options.parser("breakers", __doc__, EPILOG, OPTIONS)
     add = parser.add_argument
-    for flag, kind, default, text in OPTIONS:
-        add(flag, type=kind, default=default, help=f"{text} (%(default)s)")
     add("--output", type=Path, help=f"JSON results file ({OUTPUT_REL})")
     args = parser.parse_args(argv)
 
-    chosen = [name.strip() for name in args.breakers.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(BREAKERS))
-    if unknown or not chosen:
-        parser.error(f"--breakers: unknown {unknown}; use partitioner and/or pybreaker")
+    use = "partitioner and/or pybreaker"
+    chosen = options.chosen(parser, "--breakers", args.breakers, BREAKERS, use)
     if "pybreaker" in chosen and importlib.util.find_spec("pybreaker") is None:
         parser.error("pybreaker is not installed: pip install -e '.[bench]'")
     for flag in ("processes", "rounds", "threshold", "probes"):
@@ -277,14 +266,10 @@ def print_report(runs: list[BreakerRun], args: Namespace) -> None:
 
 def write_json(runs: list[BreakerRun], args: Namespace, argv: list[str], wall_s: float) -> None:
     """The run's figures and conditions, for the README to quote."""
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    data: dict[str, Any] = {
-        "scenario": "breakers",
-        "command": shlex.join(["python", "-m", "bench.breakers", *argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    data: dict[str, Any] = runinfo.command("breakers", argv) | {
         "versions": _versions(args.breakers, args.redis),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "options": options,
+        "machine": runinfo.machine(),
+        "options": runinfo.options(args),
         "wall_s": round(wall_s, 1),
         "summary": {
             TITLES[run.breaker]: dict(zip(ROW_TITLES, summary_rows(run), strict=True))

@@ -39,7 +39,6 @@ counts in the period or phase in which it ended (its `done_at`).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
@@ -59,10 +58,11 @@ from typing import Any
 import redis
 from celery import Celery
 
-from bench import failing_report, layouts, traffic
+from bench import failing_report, layouts, options, traffic
 from bench.failing_report import FAULTY, HEALTHY
 from bench.fleet import Fleet, FleetError
 from bench.isolation import flush_broker
+from bench.options import Option
 from bench.periods import Change, Phase, Run
 from bench.traffic import Sent
 from partitioner import PartitionerError, attach, load_settings
@@ -94,7 +94,7 @@ SETTLE_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 LISTEN_TICK_S = 0.2
 
-OPTIONS: list[tuple[str, type, object, str]] = [
+OPTIONS: list[Option] = [
     ("--broker", str, DEFAULT_BROKER_URL, "Redis URL; the database is FLUSHED"),
     ("--before", float, 10.0, "seconds of traffic before the fault"),
     ("--fault", float, 20.0, "seconds in which payment's dependency fails"),
@@ -117,15 +117,8 @@ example:
 
 
 def parse_args(argv: list[str] | None) -> Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.failing",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = options.parser("failing", __doc__, EPILOG, OPTIONS)
     add = parser.add_argument
-    for flag, kind, default, text in OPTIONS:
-        add(flag, type=kind, default=default, help=f"{text} (%(default)s)")
     on_open = "payment breaker's on_open (%(default)s)"
     add("--on-open", choices=("reject", "park"), default="reject", help=on_open)
     add("--config", type=Path, help=f"Partitioner settings ({CONFIG_REL})")
@@ -133,12 +126,9 @@ def parse_args(argv: list[str] | None) -> Namespace:
     add("--keep-logs", action="store_true", help="keep the workers' log files")
     args = parser.parse_args(argv)
 
-    chosen = [name.strip() for name in args.layouts.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(LAYOUTS))
-    if unknown or not chosen:
-        parser.error(f"--layouts: unknown {unknown}; use breaker, no-breaker or both")
-    if not args.broker.startswith(("redis://", "rediss://")):
-        parser.error("--broker must be a redis:// URL: the ledger lives on the broker")
+    use = "breaker, no-breaker or both"
+    chosen = options.chosen(parser, "--layouts", args.layouts, LAYOUTS, use)
+    options.require_redis(parser, args.broker, "the ledger lives on the broker")
     args.layouts = chosen
     args.config = args.config or layouts.REPO_ROOT / CONFIG_REL
     args.output = args.output or layouts.REPO_ROOT / OUTPUT_REL

@@ -21,13 +21,10 @@ service completes 100 % of its tasks and keeps its p99 at most 1.5x its p99 with
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import os
-import platform
-import shlex
 import shutil
 import signal
 import sys
@@ -35,18 +32,16 @@ import tempfile
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import celery
-import kombu
 import redis
 
-from bench import layouts, report
+from bench import layouts, options, report, runinfo
 from bench.fleet import Fleet, FleetError
 from bench.measure import ServiceResult, measure
+from bench.options import Option
 from bench.traffic import Sent, burst, steady
 from partitioner import PartitionerError, load_settings
 from partitioner.topology import Topology
@@ -68,7 +63,7 @@ SETTLE_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 PHASES = ("no fault", "fault")
 
-OPTIONS: list[tuple[str, type, object, str]] = [
+OPTIONS: list[Option] = [
     ("--broker", str, DEFAULT_BROKER_URL, "Redis URL; the database is FLUSHED first"),
     ("--duration", float, 15.0, "seconds of steady traffic per phase"),
     ("--rate", float, 10.0, "tasks a second to each healthy service"),
@@ -99,27 +94,16 @@ class LayoutResult:
 
 
 def parse_args(argv: list[str] | None) -> Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.isolation",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = options.parser("isolation", __doc__, EPILOG, OPTIONS)
     add = parser.add_argument
-    for flag, kind, default, text in OPTIONS:
-        add(flag, type=kind, default=default, help=f"{text} (%(default)s)")
     add("--config", type=Path, help=f"Partitioner settings ({CONFIG_REL})")
     add("--output", type=Path, help=f"JSON results file ({OUTPUT_REL})")
     add("--keep-logs", action="store_true", help="keep the workers' log files")
     args = parser.parse_args(argv)
 
-    chosen = [name.strip() for name in args.layouts.split(",") if name.strip()]
-    unknown = sorted(set(chosen) - set(layouts.LAYOUTS))
-    if unknown or not chosen:
-        parser.error(f"--layouts: unknown {unknown}; use stock, partitioner or both")
-    if not args.broker.startswith(("redis://", "rediss://")):
-        parser.error("--broker must be a redis:// URL: the ledger lives on the broker")
-    args.layouts = chosen
+    known, use = layouts.LAYOUTS, "stock, partitioner or both"
+    args.layouts = options.chosen(parser, "--layouts", args.layouts, known, use)
+    options.require_redis(parser, args.broker, "the ledger lives on the broker")
     args.config = args.config or layouts.REPO_ROOT / CONFIG_REL
     args.output = args.output or layouts.REPO_ROOT / OUTPUT_REL
     try:
@@ -275,19 +259,10 @@ def write_json(
     results: dict[str, LayoutResult], args: Namespace, argv: list[str], wall_s: float
 ) -> None:
     """The run's figures and conditions, for the README to quote."""
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    data: dict[str, Any] = {
-        "scenario": "isolation",
-        "command": shlex.join(["python", "-m", "bench.isolation", *argv]),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {
-            "celery": celery.__version__,
-            "kombu": kombu.__version__,
-            "redis-py": redis.__version__,
-            "python": platform.python_version(),
-        },
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "options": options,
+    data: dict[str, Any] = runinfo.command("isolation", argv) | {
+        "versions": runinfo.versions(),
+        "machine": runinfo.machine(),
+        "options": runinfo.options(args),
         "completion_rule": completion_rule(args),
         "target": {
             "completed_pct": TARGET_COMPLETED_PCT,

@@ -30,7 +30,6 @@ reported against the time in `send_task`.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
 import gc
 import logging
@@ -48,8 +47,9 @@ import redis
 from celery import Celery
 from kombu import Exchange, Queue
 
-from bench import layouts, report, runinfo
+from bench import layouts, options, report, runinfo
 from bench.isolation import flush_broker
+from bench.options import Option
 from bench.traffic import TASK_NAMES
 from partitioner import PartitionerError, attach, load_settings
 from partitioner.app import Partitioner, partitioner_of
@@ -66,7 +66,7 @@ PROFILE_ROWS = 12
 # Partitioner's own code, as cProfile names its files.
 PACKAGE_DIR = str(Path(__file__).resolve().parent.parent / "partitioner")
 
-OPTIONS: list[tuple[str, type, object, str]] = [
+OPTIONS: list[Option] = [
     ("--broker", str, DEFAULT_BROKER_URL, "Redis URL; the database is FLUSHED first"),
     ("--tasks", int, 20_000, "tasks published through each app per round"),
     ("--rounds", int, 5, "measured rounds"),
@@ -139,22 +139,14 @@ class ProfileRow:
 
 
 def parse_args(argv: list[str] | None) -> Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.publish",
-        description=__doc__,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = options.parser("publish", __doc__, EPILOG, OPTIONS)
     add = parser.add_argument
-    for flag, kind, default, text in OPTIONS:
-        add(flag, type=kind, default=default, help=f"{text} (%(default)s)")
     add("--profile", action="store_true", help="profile a partitioner round anyway")
     add("--config", type=Path, help=f"Partitioner settings ({CONFIG_REL})")
     add("--output", type=Path, help=f"JSON results file ({OUTPUT_REL})")
     args = parser.parse_args(argv)
 
-    if not args.broker.startswith(("redis://", "rediss://")):
-        parser.error("--broker must be a redis:// URL: the queues are checked on it")
+    options.require_redis(parser, args.broker, "the queues are checked on it")
     if min(args.tasks, args.rounds, args.block, args.warmup) < 1:
         parser.error("--tasks, --rounds, --block and --warmup must be at least 1")
     args.config = args.config or layouts.REPO_ROOT / CONFIG_REL

@@ -25,21 +25,41 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def conditions(scenario: str, argv: list[str], args: Namespace) -> dict[str, Any]:
     """The command that ran `scenario`, when, on what, with which options."""
-    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    return command(scenario, argv) | {
+        "versions": versions(),
+        "code": code(),
+        "machine": machine(),
+        "options": options(args),
+    }
+
+
+def command(scenario: str, argv: list[str]) -> dict[str, Any]:
+    """The scenario, the command that ran it, and when it started (UTC)."""
     return {
         "scenario": scenario,
         "command": shlex.join(["python", "-m", f"bench.{scenario}", *argv]),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {
-            "celery": celery.__version__,
-            "kombu": kombu.__version__,
-            "redis-py": redis.__version__,
-            "python": platform.python_version(),
-        },
-        "code": code(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "options": options,
     }
+
+
+def versions() -> dict[str, str]:
+    """The versions of Celery, kombu, redis-py and Python in this process."""
+    return {
+        "celery": celery.__version__,
+        "kombu": kombu.__version__,
+        "redis-py": redis.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def machine() -> dict[str, Any]:
+    """How many CPUs, on which platform."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform()}
+
+
+def options(args: Namespace) -> dict[str, Any]:
+    """The parsed options, paths as strings, fit for JSON."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
 
 
 def code() -> dict[str, Any]:
