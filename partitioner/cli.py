@@ -296,7 +296,8 @@ def demo(duration: float, state_dir: Path | None) -> None:
 
     Starts an embedded server (unless PARTITIONER_BROKER_URL is set), launches the four
     partitions of config/partitioner.toml, and shows each service's latency live. Run it
-    from the project folder.
+    from the project folder. With PARTITIONER_BROKER_URL set, it empties the shop's four
+    queues and its shop:* keys on that broker, before and after: use a broker of its own.
 
     \b
     Example:
