@@ -39,9 +39,8 @@ class StoreHealth:
             if not self.reachable:
                 return
             self.reachable = False
-        log.warning(
-            "breaker store unreachable (%s); gates follow on_store_error until it returns", exc
-        )
+        what = exc if isinstance(exc, StoreUnavailable) else f"breaker store unreachable: {exc}"
+        log.warning("%s; gates follow on_store_error until it returns", what)
 
     def answered(self) -> None:
         with self._lock:

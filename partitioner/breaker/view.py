@@ -113,6 +113,8 @@ class BreakerView:
             try:
                 self._follow()
             except (redis.RedisError, StoreUnavailable, OSError) as exc:
+                if self._stopped.is_set():
+                    return  # stopped while the store went away with its owner: no news
                 log.debug("breaker subscription lost (%s); subscribing again", exc)
                 # A dropped subscription (a reconnect, CLIENT KILL) is not a store gone away:
                 # forgetting the breakers would open every gate to on_store_error. Only a
