@@ -43,6 +43,7 @@ clock for pybreaker.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -365,13 +366,8 @@ def _versions(breakers: list[str], url: str) -> dict[str, str]:
     }
     if "pybreaker" in breakers:
         found["pybreaker"] = importlib.metadata.version("pybreaker")
-    client = redis.Redis.from_url(url)
-    try:
+    with redis.Redis.from_url(url) as client, contextlib.suppress(redis.RedisError):
         found["redis-server"] = str(client.info("server")["redis_version"])
-    except redis.RedisError:
-        pass
-    finally:
-        client.close()
     return found
 
 

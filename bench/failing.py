@@ -39,20 +39,15 @@ counts in the period or phase in which it ended (its `done_at`).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import threading
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import redis
@@ -60,7 +55,7 @@ from celery import Celery
 
 from bench import failing_report, layouts, options, traffic
 from bench.failing_report import FAULTY, HEALTHY
-from bench.fleet import Fleet, FleetError
+from bench.fleet import Fleet, reset_fault, run_in_workdir
 from bench.isolation import flush_broker
 from bench.options import Option
 from bench.periods import Change, Phase, Run
@@ -281,7 +276,7 @@ def run_layout(key: str, args: Namespace, workdir: Path) -> Run:
         run.changes = listener.stop()
         if partitioner.view is not None:
             partitioner.view.stop()
-        _reset_fault()
+        reset_fault(FAULTY)
         fleet.stop(STOP_TIMEOUT_S)
         log.info("%s: workers stopped", key)
     run.ledger = control.read_ledger(control.require_client())
@@ -292,22 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
 
     os.environ.update(layouts.environment(args.broker, args.config))
-    workdir = Path(tempfile.mkdtemp(prefix="bench-failing-"))
-    log.info("broker %s (flushed before each layout), logs in %s", args.broker, workdir)
-    try:
-        runs = [run_layout(key, args, workdir) for key in args.layouts]
-    except KeyboardInterrupt:
-        log.warning("interrupted; workers stopped, logs kept in %s", workdir)
-        return 130
-    except FleetError as exc:
-        log.error("%s; logs kept in %s", exc, workdir)
-        return 1
-    if not args.keep_logs:
-        shutil.rmtree(workdir, ignore_errors=True)
+    log.info("broker %s (flushed before each layout)", args.broker)
+    runs = run_in_workdir(
+        "failing",
+        args.keep_logs,
+        lambda workdir: [run_layout(key, args, workdir) for key in args.layouts],
+    )
+    if isinstance(runs, int):
+        return runs
 
     wall_s = time.monotonic() - started
     failing_report.print_report(runs, args)
@@ -318,17 +308,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _env_value(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
-
-
-def _reset_fault() -> None:
-    # After an interruption mid-fault, workers would go on failing payment's tasks.
-    with contextlib.suppress(redis.RedisError):
-        set_fault(FAULTY, Fault())
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM stops the benchmark like Ctrl-C does, so that the fleets are stopped too.
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -11,18 +11,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from types import FrameType
+from typing import IO, TypeVar
 
+import redis
 from celery import Celery
 
 from partitioner.launch import die_with_parent
+from workers.faults import Fault, set_fault
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POLL_INTERVAL_S = 0.5
 PING_TIMEOUT_S = 1.0
@@ -155,3 +162,37 @@ def _parent_of(proc_entry: Path) -> int | None:
         return None
     # The command name in parentheses may hold spaces; the fields after it are fixed.
     return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def run_in_workdir(scenario: str, keep_logs: bool, run: Callable[[Path], T]) -> T | int:
+    """`run(workdir)` with SIGTERM acting as Ctrl-C; its result, or an exit code.
+
+    The fleets `run` starts stop themselves on the way out. Their logs are kept when the
+    run was interrupted (130) or a fleet failed (1), and with `keep_logs`.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    workdir = Path(tempfile.mkdtemp(prefix=f"bench-{scenario}-"))
+    log.info("worker logs in %s", workdir)
+    try:
+        result = run(workdir)
+    except KeyboardInterrupt:
+        log.warning("interrupted; workers stopped, logs kept in %s", workdir)
+        return 130
+    except FleetError as exc:
+        log.error("%s; logs kept in %s", exc, workdir)
+        return 1
+    if not keep_logs:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def reset_fault(service: str) -> None:
+    """Put `service`'s dependency back to ok, as best it can: after an interruption
+    mid-fault, failing or hanging tasks would hold up the fleet's warm shutdown."""
+    with contextlib.suppress(redis.RedisError):
+        set_fault(service, Fault())
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM stops the benchmark like Ctrl-C does, so that the fleets are stopped too.
+    raise KeyboardInterrupt

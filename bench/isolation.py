@@ -21,25 +21,20 @@ service completes 100 % of its tasks and keeps its p99 at most 1.5x its p99 with
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import redis
 
 from bench import layouts, options, report, runinfo
-from bench.fleet import Fleet, FleetError
+from bench.fleet import Fleet, reset_fault, run_in_workdir
 from bench.measure import ServiceResult, measure
 from bench.options import Option
 from bench.traffic import Sent, burst, steady
@@ -158,7 +153,7 @@ def run_layout(key: str, args: Namespace, workdir: Path, token: str) -> LayoutRe
             log.info("%s: phase %r, %.0f s of traffic", key, phase, args.duration)
             result.phases[phase] = run_phase(fleet, args, fault=phase == "fault")
     finally:
-        _reset_fault()
+        reset_fault(FAULTY)
         fleet.stop(STOP_TIMEOUT_S)
         log.info("%s: workers stopped", key)
     return result
@@ -288,24 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, _interrupt)
     started = time.monotonic()
 
     os.environ.update(layouts.environment(args.broker, args.config))
     flush_broker(args.broker)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-isolation-"))
-    log.info("broker %s (flushed), worker logs in %s", args.broker, workdir)
-
-    try:
-        results = run_all(args, workdir)
-    except KeyboardInterrupt:
-        log.warning("interrupted; workers stopped, logs kept in %s", workdir)
-        return 130
-    except FleetError as exc:
-        log.error("%s; logs kept in %s", exc, workdir)
-        return 1
-    if not args.keep_logs:
-        shutil.rmtree(workdir, ignore_errors=True)
+    log.info("broker %s (flushed)", args.broker)
+    results = run_in_workdir("isolation", args.keep_logs, lambda workdir: run_all(args, workdir))
+    if isinstance(results, int):
+        return results
 
     wall_s = time.monotonic() - started
     print_report(results, args)
@@ -327,17 +312,6 @@ def _layout_json(result: LayoutResult) -> dict[str, Any]:
             for phase, figures in result.phases.items()
         },
     }
-
-
-def _reset_fault() -> None:
-    # After an interruption mid-fault, hanging tasks would hold up the warm shutdown.
-    with contextlib.suppress(redis.RedisError):
-        set_fault(FAULTY, Fault())
-
-
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM stops the benchmark like Ctrl-C does, so that the fleets are stopped too.
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -182,8 +182,9 @@ class Mover:
         # Probes of a period that re-opened the breaker before they ran would run as extra
         # probes of the next period: while open (no probe is admitted), move them back.
         p = self.partition
-        while self.transfer.move(p.probe_queue, p.queue):
-            pass
+        moved = True
+        while moved:
+            moved = self.transfer.move(p.probe_queue, p.queue)
 
     def _lease(self) -> bool:
         client = self.view.client
