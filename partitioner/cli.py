@@ -169,8 +169,10 @@ def launch(
 ) -> None:
     """Run one worker per partition, restart those that die, until SIGTERM or Ctrl-C.
 
-    With no PARTITIONER_BROKER_URL, an embedded server is started in the state folder and
-    stopped on exit. Example: partitioner launch --app workers.app:app
+    With no broker set (PARTITIONER_BROKER_URL or the app's own), an embedded server runs in
+    the state folder: started, or joined if another launcher runs it, or adopted if its
+    launcher died; a launcher stops the server it started or adopted on exit.
+    Example: partitioner launch --app workers.app:app
     """
     from partitioner.launch import launch as run_launch
 
