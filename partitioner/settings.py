@@ -22,6 +22,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeFloat,
+    NonNegativeInt,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -140,11 +142,14 @@ class PartitionSettings(BaseModel):
         default_factory=list,
         description="Queues the partition's pool consumes; default: one named after the partition.",
     )
-    min: PositiveInt = Field(1, description="Lowest concurrency the partition may have. Default 1.")
+    min: NonNegativeInt = Field(
+        1,
+        description="Lowest concurrency the partition may have; 0 lets it stop fetching. Default 1.",
+    )
     max: PositiveInt | None = Field(
         None, description="Highest concurrency the partition may have. Default: `concurrency`."
     )
-    concurrency: PositiveInt | None = Field(
+    concurrency: NonNegativeInt | None = Field(
         None, description="Concurrency the pool starts with. Default: `min`."
     )
     prefetch: PositiveInt = Field(
@@ -177,6 +182,28 @@ class PartitionSettings(BaseModel):
         return self.max if self.max is not None else max(self.initial, self.min)
 
 
+class SupervisorSettings(BaseModel):
+    """The control loop that moves capacity between partitions as their backlogs change."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        True, description="Resize pools by backlog; false keeps each at `concurrency`."
+    )
+    interval_s: PositiveFloat = Field(
+        0.5, description="Seconds between two looks at backlogs and pools. Default 0.5."
+    )
+    cooldown_s: NonNegativeFloat = Field(
+        10.0, description="Seconds a busy partition keeps a size before shrinking. Default 10."
+    )
+    lease_s: PositiveFloat = Field(
+        3.0, description="Leader lease across hosts; a new leader within this. Default 3."
+    )
+    crash_loop_restarts: PositiveInt = Field(
+        3, description="Quick restarts in a row that mark a partition degraded. Default 3."
+    )
+
+
 class Settings(BaseSettings):
     """All of Partitioner's settings. See `config/partitioner.toml` for a worked example."""
 
@@ -204,6 +231,13 @@ class Settings(BaseSettings):
     budget: PositiveInt | None = Field(
         None,
         description="Total concurrency all partitions on a host may use. Default: sum of max.",
+    )
+    cluster_budget: PositiveInt | None = Field(
+        None,
+        description="Total concurrency of all hosts on this broker together. Default: no cap.",
+    )
+    supervisor: SupervisorSettings = Field(
+        SupervisorSettings(), description="The supervisor's timing (a frozen model)."
     )
     state_dir: Path = Field(
         Path(".partitioner"),

@@ -215,6 +215,15 @@ def _problems(
                 "raise budget or lower some min"
             ),
         )
+    cluster_budget = settings.cluster_budget
+    if cluster_budget is not None and total_min > cluster_budget:
+        yield (
+            ("cluster_budget",),
+            (
+                f"the partitions' min add up to {total_min}, more than the cluster budget "
+                f"{cluster_budget}; raise cluster_budget or lower some min"
+            ),
+        )
     total = sum(p.concurrency for p in partitions)
     if total > budget:
         yield (
