@@ -12,12 +12,18 @@ Rules, in order:
 
 Invariants, for any input with sum(min) <= budget: min <= target <= max for every
 partition, and sum(target) <= budget.
+
+With many hosts, `plan_cluster` plans host by host: each host within its own budget and what
+the cluster budget has left, for the backlog the hosts before it have not taken. `stage`
+then holds back growth that running tasks of shrinking pools still occupy, so that the
+tasks running at once never exceed a budget, during a change included.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -119,3 +125,71 @@ def _reasons(demands: Sequence[Demand], targets: dict[str, int], budget: int) ->
             why = f"backlog {d.backlog}, limits {d.min}..{d.max}, budget {budget}"
         reasons[d.name] = f"{d.current} -> {target}: {why}"
     return reasons
+
+
+@dataclass(frozen=True)
+class Host:
+    """One host's partitions as the planner sees them; `current` is this host's size."""
+
+    name: str
+    budget: int
+    demands: Sequence[Demand]
+
+
+def plan_cluster(
+    hosts: Sequence[Host],
+    backlog: Mapping[str, int],
+    cluster_budget: int | None = None,
+    since_change_s: Mapping[tuple[str, str], float] | None = None,
+    cooldown_s: float = 10.0,
+) -> dict[str, Plan]:
+    """A plan per host for the partitions' whole `backlog`, in host name order.
+
+    Each host gets its partitions' `min` whatever the cluster budget says; what is above
+    them is shared within the host's budget and the cluster budget's remainder.
+    """
+    ordered = sorted(hosts, key=lambda h: h.name)
+    mins = [sum(d.min for d in h.demands) for h in ordered]
+    left = dict(backlog)
+    cluster_left = math.inf if cluster_budget is None else cluster_budget
+    since = since_change_s or {}
+    plans = {}
+    for i, host in enumerate(ordered):
+        after = sum(mins[i + 1 :])
+        room = cluster_left - after
+        budget = host.budget if room >= host.budget else max(mins[i], int(room))
+        demands = [replace(d, backlog=left.get(d.name, 0)) for d in host.demands]
+        mine = {d.name: since[(host.name, d.name)] for d in demands if (host.name, d.name) in since}
+        found = plan(demands, budget, mine, cooldown_s)
+        for name, target in found.targets.items():
+            left[name] = max(0, left.get(name, 0) - target)
+        cluster_left -= sum(found.targets.values())
+        plans[host.name] = found
+    return plans
+
+
+def stage(
+    targets: Mapping[str, int],
+    current: Mapping[str, int],
+    held: Mapping[str, int],
+    budget: int,
+) -> dict[str, int]:
+    """The sizes to set now on one host on the way to `targets`.
+
+    A shrink applies at once, but a pool keeps the tasks it `held` (running or reserved)
+    until they end; growth is held back until the budget has room beside them. Growth is
+    taken back from the largest step first.
+    """
+    staged = dict(targets)
+
+    def in_use() -> int:
+        return sum(max(staged[p], held.get(p, 0)) for p in staged)
+
+    while in_use() > budget:
+        floors = {p: max(current.get(p, 0), held.get(p, 0)) for p in staged}
+        growing = [p for p in staged if staged[p] > floors[p]]
+        if not growing:
+            break  # only running tasks are over the budget; they end by themselves
+        largest = max(growing, key=lambda p: (staged[p] - floors[p], p))
+        staged[largest] -= 1
+    return staged

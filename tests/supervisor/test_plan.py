@@ -6,7 +6,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from partitioner.supervisor.plan import Demand, plan
+from partitioner.supervisor.plan import Demand, Host, plan, plan_cluster, stage
 
 
 @st.composite
@@ -14,8 +14,8 @@ def demands(draw: st.DrawFn) -> tuple[list[Demand], int]:
     count = draw(st.integers(1, 12))
     found = []
     for i in range(count):
-        low = draw(st.integers(1, 4))
-        high = draw(st.integers(low, 8))
+        low = draw(st.integers(0, 4))
+        high = draw(st.integers(max(low, 1), 8))
         found.append(
             Demand(
                 name=f"p{i}",
@@ -96,3 +96,100 @@ def test_a_busy_partition_in_cooldown_keeps_its_processes_while_there_is_room() 
 def test_min_above_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="budget 1"):
         plan([Demand("a", 1, 1, 1, 0), Demand("b", 1, 1, 1, 0)], budget=1)
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> tuple[list[Host], dict[str, int], int | None]:
+    shape, _ = draw(demands())
+    hosts = []
+    for h in range(draw(st.integers(1, 4))):
+        mine = [
+            Demand(d.name, d.min, d.max, draw(st.integers(d.min, d.max)), 0, d.halted)
+            for d in shape
+        ]
+        floor = sum(d.min for d in shape)
+        hosts.append(Host(f"h{h}", draw(st.integers(floor, floor + 10)), mine))
+    backlog = {d.name: draw(st.integers(0, 60)) for d in shape}
+    mins = sum(d.min for d in shape) * len(hosts)
+    cluster = draw(st.none() | st.integers(mins, mins + 20))
+    return hosts, backlog, cluster
+
+
+@given(clusters())
+def test_every_host_and_the_cluster_stay_within_their_budgets(
+    case: tuple[list[Host], dict[str, int], int | None],
+) -> None:
+    hosts, backlog, cluster = case
+    plans = plan_cluster(hosts, backlog, cluster)
+
+    for host in hosts:
+        targets = plans[host.name].targets
+        assert sum(targets.values()) <= host.budget
+        for d in host.demands:
+            assert d.min <= targets[d.name] <= d.max
+    total = sum(sum(p.targets.values()) for p in plans.values())
+    if cluster is not None:
+        assert total <= cluster
+    # No host takes capacity for backlog that other hosts already cover.
+    for name, waiting in backlog.items():
+        above_min = sum(
+            plans[h.name].targets[name] - next(d.min for d in h.demands if d.name == name)
+            for h in hosts
+        )
+        assert above_min <= waiting
+
+
+def test_backlog_beyond_one_hosts_max_spills_to_the_next_host() -> None:
+    shape = [Demand("mail", 0, 2, 0, 0), Demand("pay", 1, 2, 1, 0)]
+    hosts = [Host("a", 3, shape), Host("b", 3, shape)]
+
+    plans = plan_cluster(hosts, {"mail": 3, "pay": 0})
+
+    assert plans["a"].targets == {"mail": 2, "pay": 1}
+    assert plans["b"].targets == {"mail": 1, "pay": 1}
+    assert plan_cluster(hosts, {"mail": 3, "pay": 0}, cluster_budget=4)["b"].targets == {
+        "mail": 0,
+        "pay": 1,
+    }
+
+
+@st.composite
+def changes(draw: st.DrawFn) -> tuple[dict[str, int], dict[str, int], dict[str, int], int]:
+    names = [f"p{i}" for i in range(draw(st.integers(1, 8)))]
+    budget = draw(st.integers(1, 16))
+    current = _within(draw, names, budget)
+    targets = _within(draw, names, budget)
+    held = {p: draw(st.integers(0, current[p])) for p in names}
+    return targets, current, held, budget
+
+
+def _within(draw: st.DrawFn, names: list[str], budget: int) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for p in names:
+        sizes[p] = draw(st.integers(0, budget - sum(sizes.values())))
+    return sizes
+
+
+@given(changes())
+def test_a_change_never_runs_more_tasks_at_once_than_the_budget(
+    case: tuple[dict[str, int], dict[str, int], dict[str, int], int],
+) -> None:
+    targets, current, held, budget = case
+    staged = stage(targets, current, held, budget)
+
+    assert sum(max(staged[p], held[p]) for p in targets) <= budget
+    for p, target in targets.items():
+        if target <= current[p]:
+            assert staged[p] == target  # a shrink is never held back
+        else:
+            assert current[p] <= staged[p] <= target
+    # Once the shrinking pools' tasks have ended, every target is reached.
+    assert stage(targets, staged, {p: 0 for p in targets}, budget) == targets
+
+
+def test_growth_waits_for_the_tasks_of_a_shrinking_pool() -> None:
+    targets = {"mail": 3, "pay": 1}
+    staged = stage(targets, current={"mail": 1, "pay": 3}, held={"mail": 1, "pay": 3}, budget=4)
+    assert staged == {"mail": 1, "pay": 1}
+    staged = stage(targets, current=staged, held={"mail": 1, "pay": 2}, budget=4)
+    assert staged == {"mail": 2, "pay": 1}
