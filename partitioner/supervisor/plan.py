@@ -112,19 +112,20 @@ def _hold_busy(
 
 
 def _reasons(demands: Sequence[Demand], targets: dict[str, int], budget: int) -> dict[str, str]:
-    reasons = {}
-    for d in demands:
-        target = targets[d.name]
-        if target == d.current:
-            continue
-        if d.halted:
-            why = "breaker halts it"
-        elif d.backlog == 0:
-            why = "no backlog"
-        else:
-            why = f"backlog {d.backlog}, limits {d.min}..{d.max}, budget {budget}"
-        reasons[d.name] = f"{d.current} -> {target}: {why}"
-    return reasons
+    return {
+        d.name: f"{d.current} -> {targets[d.name]}: {why(d, budget)}"
+        for d in demands
+        if targets[d.name] != d.current
+    }
+
+
+def why(d: Demand, budget: int) -> str:
+    """The figures behind a partition's target, in words."""
+    if d.halted:
+        return "breaker halts it"
+    if d.backlog == 0:
+        return "no backlog"
+    return f"backlog {d.backlog}, limits {d.min}..{d.max}, budget {budget}"
 
 
 @dataclass(frozen=True)
