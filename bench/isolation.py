@@ -6,6 +6,12 @@ Two layouts of the reference shop run one after the other on one Redis database:
 - Partitioner: `partitioner launch` with `config/partitioner.toml` (a partition of
   concurrency 1 per service, budget 4).
 
+A third, "supervised", runs when `--layouts` names it: `partitioner launch` with the
+supervisor on, breakers off, budget 4, and limits that keep a process for each healthy
+service whatever payment's backlog (order, inventory and notification `min = 1`,
+`max = 2`; payment `min = 0`, `max = 2`), so that payment may use only the process the
+budget has left. It is judged against the same target.
+
 Each layout runs two phases, after a short unmeasured warm-up:
 
 - no fault: steady 20 ms tasks to order, inventory and notification, 10 a second
@@ -34,7 +40,7 @@ from typing import Any
 import redis
 
 from bench import layouts, options, report, runinfo
-from bench.fleet import Fleet, reset_fault, run_in_workdir
+from bench.fleet import Fleet, reset_fault, run_in_workdir, running
 from bench.measure import ServiceResult, measure
 from bench.options import Option
 from bench.traffic import Sent, burst, steady
@@ -53,10 +59,9 @@ HEALTHY = ("order", "inventory", "notification")
 FAULTY = "payment"
 TARGET_COMPLETED_PCT = 100.0
 TARGET_P99_RATIO = 1.5
-READY_TIMEOUT_S = 60.0
-SETTLE_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
 PHASES = ("no fault", "fault")
+# The layouts judged against the target, and the key of each one's verdicts in the JSON.
+PARTITIONER_LAYOUTS = {"partitioner": "summary", "supervised": "summary_supervised"}
 
 OPTIONS: list[Option] = [
     ("--broker", str, DEFAULT_BROKER_URL, "Redis URL; the database is FLUSHED first"),
@@ -67,7 +72,7 @@ OPTIONS: list[Option] = [
     ("--hang", float, 5.0, "seconds each payment task blocks under the fault"),
     ("--grace", float, 1.0, "seconds after the window a task may still end"),
     ("--warmup", float, 2.0, "seconds of unmeasured traffic before the phases"),
-    ("--layouts", str, "stock,partitioner", "comma-separated layouts to run"),
+    ("--layouts", str, "stock,partitioner", "stock, partitioner and/or supervised"),
     ("--loglevel", str, "info", "workers' log level (their output goes to files)"),
 ]
 
@@ -75,6 +80,7 @@ EPILOG = """\
 example:
   scripts/bench                                  # the full run, about 1.5 minutes
   python -m bench.isolation --duration 5 --layouts partitioner
+  python -m bench.isolation --layouts stock,partitioner,supervised
 """
 
 
@@ -96,7 +102,7 @@ def parse_args(argv: list[str] | None) -> Namespace:
     add("--keep-logs", action="store_true", help="keep the workers' log files")
     args = parser.parse_args(argv)
 
-    known, use = layouts.LAYOUTS, "stock, partitioner or both"
+    known, use = layouts.LAYOUTS, "any of stock, partitioner and supervised"
     args.layouts = options.chosen(parser, "--layouts", args.layouts, known, use)
     options.require_redis(parser, args.broker, "the ledger lives on the broker")
     args.config = args.config or layouts.REPO_ROOT / CONFIG_REL
@@ -126,7 +132,7 @@ def run_phase(fleet: Fleet, args: Namespace, fault: bool) -> list[ServiceResult]
     results = measure(sent, control.read_ledger(store), deadline)
 
     set_fault(FAULTY, Fault())
-    fleet.settle(SETTLE_TIMEOUT_S)
+    fleet.settle()
     return results
 
 
@@ -135,27 +141,22 @@ def warm_up(fleet: Fleet, args: Namespace) -> None:
     if args.warmup > 0:
         services = (*HEALTHY, FAULTY)
         steady(fleet.app, services, args.rate, args.warmup, args.work_ms / 1000.0)
-    fleet.settle(SETTLE_TIMEOUT_S)
+    fleet.settle()
 
 
 def run_layout(key: str, args: Namespace, workdir: Path, token: str) -> LayoutResult:
     """Start one layout's fleet, run both phases on it, and always stop it."""
     fleet = layouts.LAYOUTS[key](workdir, token, args.loglevel)
     result = LayoutResult(key, fleet.title)
-    try:
-        fleet.start()
-        result.ready_s = fleet.wait_ready(READY_TIMEOUT_S)
-        nodes = ", ".join(fleet.nodes)
-        log.info("%s: nodes %s ready in %.1f s", key, nodes, result.ready_s)
-        warm_up(fleet, args)
-
-        for phase in PHASES:
-            log.info("%s: phase %r, %.0f s of traffic", key, phase, args.duration)
-            result.phases[phase] = run_phase(fleet, args, fault=phase == "fault")
-    finally:
-        reset_fault(FAULTY)
-        fleet.stop(STOP_TIMEOUT_S)
-        log.info("%s: workers stopped", key)
+    with running(fleet, key) as ready_s:
+        result.ready_s = ready_s
+        try:
+            warm_up(fleet, args)
+            for phase in PHASES:
+                log.info("%s: phase %r, %.0f s of traffic", key, phase, args.duration)
+                result.phases[phase] = run_phase(fleet, args, fault=phase == "fault")
+        finally:
+            reset_fault(FAULTY)
     return result
 
 
@@ -205,7 +206,7 @@ def verdicts(result: LayoutResult) -> list[Verdict]:
 
 
 def summary(stock: LayoutResult | None, part: LayoutResult | None) -> str:
-    """Partitioner against the target, the shared pool beside it: a markdown table."""
+    """A Partitioner layout against the target, the shared pool beside it: markdown."""
     if part is None:
         return "(no summary: the Partitioner layout was not run)"
     header = ["service", "Partitioner completed", "Partitioner p99 fault/no fault"]
@@ -228,7 +229,7 @@ def summary(stock: LayoutResult | None, part: LayoutResult | None) -> str:
         f"{TARGET_COMPLETED_PCT:.0f} % of its tasks and keeps p99 <= "
         f"{TARGET_P99_RATIO:g}x its p99 without the fault."
     )
-    return f"#### Summary\n\n{target}\n\n{report.table(header, rows)}"
+    return f"#### Summary: {part.title}\n\n{target}\n\n{report.table(header, rows)}"
 
 
 def print_report(results: dict[str, LayoutResult], args: Namespace) -> None:
@@ -237,7 +238,8 @@ def print_report(results: dict[str, LayoutResult], args: Namespace) -> None:
     for result in results.values():
         for phase, figures in result.phases.items():
             print(report.phase_table(f"{result.title}: {phase}", figures) + "\n")
-    print(summary(results.get("stock"), results.get("partitioner")))
+    judged = [key for key in PARTITIONER_LAYOUTS if key in results] or ["partitioner"]
+    print("\n\n".join(summary(results.get("stock"), results.get(key)) for key in judged))
 
 
 def completion_rule(args: Namespace) -> str:
@@ -266,8 +268,9 @@ def write_json(
         "wall_s": round(wall_s, 1),
         "layouts": {key: _layout_json(result) for key, result in results.items()},
     }
-    if "partitioner" in results:
-        data["summary"] = [v.as_dict() for v in verdicts(results["partitioner"])]
+    for key, name in PARTITIONER_LAYOUTS.items():
+        if key in results:
+            data[name] = [v.as_dict() for v in verdicts(results[key])]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(data, indent=2) + "\n")
     log.info("results written to %s", args.output)

@@ -81,23 +81,29 @@ class Partitioner:
             p.breaker.enabled for p in self.topology.partitions
         ):
             return
-        url = self.settings.state_url or (self.broker_url if self.broker_is_redis else None)
-        if url is None:
+        client = self.state_client()
+        if client is None:
             log.warning(
                 "breakers are off: they keep their state in Redis and the broker %s is not "
                 "Redis; set PARTITIONER_STATE_URL",
                 mask_url(self.broker_url),
             )
             return
-        client = redis.Redis.from_url(
-            url.replace("redis+socket://", "unix://", 1),
-            socket_timeout=STORE_TIMEOUT_S,
-            socket_connect_timeout=STORE_TIMEOUT_S,
-        )
         store = RedisStore(client, self.settings.name)
         self.breakers = Breakers(store, self.topology)
         self.view = BreakerView(self.breakers, client, store.channel)
         self.router.gate = ProducerGate(self.breakers, self.view)
+
+    def state_client(self) -> redis.Redis | None:
+        """A client of the shared state's Redis: `state_url`, else a Redis broker, else None."""
+        url = self.settings.state_url or (self.broker_url if self.broker_is_redis else None)
+        if url is None:
+            return None
+        return redis.Redis.from_url(
+            url.replace("redis+socket://", "unix://", 1),
+            socket_timeout=STORE_TIMEOUT_S,
+            socket_connect_timeout=STORE_TIMEOUT_S,
+        )
 
     @property
     def broker_is_redis(self) -> bool:
@@ -126,9 +132,7 @@ def attach(
     worker = os.environ.get(WORKER_ENV)
     if worker:
         app.conf.update(_worker_settings(app, worker, broker_url or app.conf.broker_url))
-        from partitioner import observe  # registers the workers' remote command
-
-        observe.register()
+        _register_worker_side(app)
 
     partitioner = Partitioner(app, settings, topology, queues, router, broker_url, configured)
     if broker_url is None:
@@ -137,13 +141,21 @@ def attach(
         router.before_route = partitioner.find_broker
     elif topology.partitions:
         partitioner.install_breakers()
-    if worker and partitioner.breakers is not None:
-        from partitioner.breaker.consumer import ConsumerGate
-
-        app.steps["consumer"].add(ConsumerGate)
     app.partitioner = partitioner
     log.debug("attached to %s: broker %s", app.main, mask_url(broker_url))
     return partitioner
+
+
+def _register_worker_side(app: Celery) -> None:
+    # In every launched worker: the remote commands that observe and resize it, and its
+    # consumer steps, the gate (breaker and pause) and the pool (its target).
+    from partitioner import observe
+    from partitioner.breaker.consumer import ConsumerGate
+    from partitioner.supervisor import pool
+
+    observe.register()
+    pool.register()
+    app.steps["consumer"].update((ConsumerGate, pool.PoolStep))
 
 
 def partitioner_of(app: Celery) -> Partitioner:

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -185,19 +186,32 @@ def launch(
 @click.option("--timeout", default=1.0, show_default=True, help="Seconds to wait for workers.")
 @click.pass_context
 def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
-    """Show each partition's queues, backlog, concurrency and limits."""
+    """Show each partition's queues, backlog, concurrency and limits, and the supervisor's
+    leader, hosts and latest decisions.
+    """
     from partitioner.app import attach
     from partitioner.observe import observe
+    from partitioner.supervisor.loop import supervisor_status
 
     settings, origins = _settings(ctx)
     app = Celery("partitioner-status", set_as_current=False)
-    observations = observe(attach(app, settings, origins), timeout_s=timeout)
+    partitioner = attach(app, settings, origins)
+    observations = observe(partitioner, timeout_s=timeout)
+    supervisor = supervisor_status(partitioner)
     if as_json:
-        click.echo(json.dumps({"partitions": [o.as_dict() for o in observations]}, indent=2))
+        found = {"partitions": [o.as_dict() for o in observations], "supervisor": supervisor}
+        click.echo(json.dumps(found, indent=2))
         return
+    planned: dict[str, int] = {}
+    for targets in supervisor["plan"].values():
+        for name, target in targets.items():
+            planned[name] = planned.get(name, 0) + target
+    degraded = {
+        name: [h["name"] for h in supervisor["hosts"] if name in h["degraded"]] for name in planned
+    }
     header = (
-        "partition", "queues", "waiting", "reserved", "running", "backlog", "conc", "limits",
-        "breaker",
+        "partition", "queues", "waiting", "reserved", "running", "backlog", "conc", "target",
+        "limits", "breaker",
     )  # fmt: skip
     rows = [
         (
@@ -208,12 +222,36 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
             str(o.running),
             str(o.backlog),
             str(o.concurrency) if o.workers else "-",
+            str(planned.get(o.name, "-"))
+            + (f" degraded on {','.join(degraded[o.name])}" if degraded.get(o.name) else ""),
             f"{o.min}..{o.max}",
             _breaker_cell(o.breaker),
         )
         for o in observations
     ]
     click.echo(_table(header, rows))
+    click.echo(_supervisor_lines(supervisor))
+
+
+def _supervisor_lines(supervisor: dict[str, Any]) -> str:
+    if not supervisor["enabled"]:
+        return "\nsupervisor: off (supervisor.enabled = false)"
+    hosts = ", ".join(f"{h['name']} (budget {h['budget']})" for h in supervisor["hosts"])
+    lines = [
+        "",
+        f"supervisor: leader {supervisor['leader'] or '(none)'}; hosts {hosts or '(none)'}; "
+        f"cluster budget {supervisor['cluster_budget'] or 'none'}",
+    ]
+    if "error" in supervisor:
+        lines.append(f"  {supervisor['error']}")
+    if supervisor["decisions"]:
+        lines.append("latest decisions, newest first:")
+        for d in supervisor["decisions"]:
+            at = time.strftime("%H:%M:%S", time.localtime(d["at"]))
+            lines.append(
+                f"  {at} {d['partition']}@{d['host']} {d['before']} -> {d['after']}: {d['reason']}"
+            )
+    return "\n".join(lines)
 
 
 def _breaker_cell(figures: dict[str, Any] | None) -> str:

@@ -1,10 +1,15 @@
 """Launching partitioned workers: one Celery worker process per partition, kept alive.
 
 Each partition gets an ordinary `celery worker` process named `<partition>@<host>` that
-consumes only the partition's queues, with the partition's concurrency and pool type. The
-launcher restarts a worker that dies, with a growing delay, and leaves the others alone. On
-SIGTERM or Ctrl-C it asks every worker for a warm shutdown (running tasks finish, reserved
-ones go back to the broker) and only after `shutdown_timeout_s` turns it into a cold one.
+consumes only the partition's queues, with the partition's pool type, starting at its
+`concurrency`. The launcher restarts a worker that dies, with a growing delay, and leaves
+the others alone; a partition whose worker keeps dying is marked degraded. Every
+`supervisor.interval_s` it runs the supervisor's step and applies this host's part of the
+plan: prefork pools are resized in place, other pools are drained and restarted at their new
+size. On SIGHUP, or when the settings file changes, it applies new limits (see
+`partitioner.supervisor.live`). On SIGTERM or Ctrl-C it asks every worker for a warm shutdown
+(running tasks finish, reserved ones go back to the broker) and only after
+`shutdown_timeout_s` turns it into a cold one.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ from partitioner.app import WORKER_ENV, Partitioner, partitioner_of, unacked_key
 from partitioner.embedded import EmbeddedServer
 from partitioner.errors import BrokerError, LaunchError, PartitionerError
 from partitioner.observe import BROKER_TIMEOUT_S, connection_errors, unreachable
-from partitioner.settings import CONFIG_ENV, mask_url
+from partitioner.settings import CONFIG_ENV, config_path, mask_url
+from partitioner.supervisor import live
+from partitioner.supervisor.loop import Pools, Supervisor, record_for
+from partitioner.supervisor.pool import TARGET_ENV, send_targets
 from partitioner.topology import Partition
 
 log = logging.getLogger(__name__)
@@ -100,10 +108,31 @@ class WorkerProcess:
     restart_at: float | None = None
     restarts: int = 0
     log_file: IO[bytes] | None = field(default=None, repr=False)
+    size: int = 0  # the --concurrency it runs with
+    target: int = 0  # the size the supervisor wants
+    resize_to: int | None = None  # draining, to restart at this size
+    degraded: bool = False
+    pool: dict[str, Any] | None = None  # its last answer to a resize
+    planned_at: float = 0.0
 
     @property
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def resizable(self) -> bool:
+        """Prefork pools grow and shrink in place; threads and solo are restarted."""
+        return self.partition.pool == "prefork"
+
+    def settled(self) -> bool:
+        """True when its last answer says the pool runs at `target`, nothing draining."""
+        pool = self.pool
+        return (
+            pool is not None
+            and pool["target"] == self.target
+            and pool["slots"] == self.target
+            and not pool["draining"]
+        )
 
 
 class Launcher:
@@ -123,9 +152,17 @@ class Launcher:
         self.loglevel = loglevel
         self.log_dir = log_dir
         self.workers = [
-            WorkerProcess(p, p.worker_name(self.host)) for p in partitioner.topology.partitions
+            WorkerProcess(
+                p, p.worker_name(self.host), target=p.concurrency, planned_at=time.monotonic()
+            )
+            for p in partitioner.topology.partitions
         ]
         self.server: EmbeddedServer | None = None
+        self.supervisor: Supervisor | None = None
+        self.config = config_path()
+        self._config_seen = _modified(self.config)
+        self._reload_asked = False
+        self._next_step = 0.0
         self._stopping = 0
 
     def run(self) -> int:
@@ -137,7 +174,11 @@ class Launcher:
                 self._start(worker)
             while not self._stopping:
                 self._tend()
+                self._reload_if_changed()
+                self._supervise()
                 time.sleep(POLL_INTERVAL_S)
+            if self.supervisor is not None:
+                self.supervisor.close()
             self._shutdown()
         finally:
             for worker in self.workers:
@@ -175,8 +216,12 @@ class Launcher:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = worker.log_file or open(self.log_dir / f"{p.name}.log", "ab")  # noqa: SIM115
             worker.log_file = output
+        worker.size = worker.resize_to if worker.resize_to is not None else worker.target
+        worker.size = 1 if p.pool == "solo" else max(worker.size, 1)
+        worker.resize_to = None
+        worker.pool = None
         worker.process = subprocess.Popen(
-            self.command(p),
+            self.command(p, worker.size),
             env=self._environment(worker),
             stdin=subprocess.DEVNULL,
             stdout=output,
@@ -189,10 +234,10 @@ class Launcher:
         worker.restart_at = None
         log.info(
             "%s: worker %s started (pid %d, concurrency %d, pool %s, queues %s)",
-            p.name, worker.name, worker.process.pid, p.concurrency, p.pool, ",".join(p.queues),
+            p.name, worker.name, worker.process.pid, worker.target, p.pool, ",".join(p.queues),
         )  # fmt: skip
 
-    def command(self, p: Partition) -> list[str]:
+    def command(self, p: Partition, size: int | None = None) -> list[str]:
         """The `celery worker` command line for partition `p` on this host."""
         cmd = [
             sys.executable, "-m", "celery", "-A", self.app_spec, "worker",
@@ -204,12 +249,13 @@ class Launcher:
             "--without-mingle", "--without-gossip",
         ]  # fmt: skip
         if p.pool != "solo":
-            cmd += ["--concurrency", str(p.concurrency)]
+            cmd += ["--concurrency", str(max(1, p.concurrency if size is None else size))]
         return cmd
 
     def _environment(self, worker: WorkerProcess) -> dict[str, str]:
         env = dict(os.environ)
         env[WORKER_ENV] = worker.name
+        env[TARGET_ENV] = str(worker.target)
         if self.partitioner.broker_url:
             env["PARTITIONER_BROKER_URL"] = self.partitioner.broker_url
         config = os.environ.get(CONFIG_ENV)
@@ -224,21 +270,132 @@ class Launcher:
                 if worker.restart_at is not None and now >= worker.restart_at:
                     worker.restarts += 1
                     self._start(worker)
+                elif worker.degraded and now - worker.started_at >= STABLE_AFTER_S:
+                    worker.degraded = False
+                    worker.failures = 0
+                    log.info("%s: recovered; no longer degraded", worker.partition.name)
                 continue
             code = worker.process.returncode
             ran_s = now - worker.started_at
+            worker.process = None
+            if worker.resize_to is not None and code == 0:
+                log.info(
+                    "%s: drained; restarting at concurrency %d",
+                    worker.partition.name, worker.resize_to,
+                )  # fmt: skip
+                self._start(worker)
+                continue
             worker.failures = 1 if ran_s >= STABLE_AFTER_S else worker.failures + 1
             delay_s = min(BACKOFF_CAP_S, BACKOFF_FIRST_S * 2 ** (worker.failures - 1))
-            worker.process = None
             worker.restart_at = now + delay_s
             log.warning(
                 "%s: worker %s exited with code %s after %.1f s; restarting in %.0f s",
                 worker.partition.name, worker.name, code, ran_s, delay_s,
             )  # fmt: skip
+            limit = self.partitioner.settings.supervisor.crash_loop_restarts
+            if worker.failures >= limit and not worker.degraded:
+                worker.degraded = True
+                log.error(
+                    "%s: degraded: its worker died %d times in a row, each within %.0f s of "
+                    "starting; still restarting it, the other partitions are unaffected",
+                    worker.partition.name, worker.failures, STABLE_AFTER_S,
+                )  # fmt: skip
+
+    def _supervise(self) -> None:
+        settings = self.partitioner.settings.supervisor
+        now = time.monotonic()
+        if not settings.enabled or now < self._next_step:
+            return
+        self._next_step = now + settings.interval_s
+        if self.supervisor is None:
+            self.supervisor = Supervisor(self.partitioner, self.host, record_for(self.partitioner))
+        pools = Pools(
+            workers={w.partition.name: w.name for w in self.workers if w.running},
+            degraded=[w.partition.name for w in self.workers if w.degraded],
+        )
+        targets = self.supervisor.step(pools, now)
+        if targets:
+            self.apply(targets)
+
+    def apply(self, targets: dict[str, int]) -> None:
+        """Bring this host's pools to `targets`, by partition name."""
+        resize: dict[str, int] = {}
+        for worker in self.workers:
+            target = targets.get(worker.partition.name)
+            if target is None:
+                continue
+            if target != worker.target:
+                worker.target = target
+                worker.planned_at = time.monotonic()
+            if not worker.running or worker.resize_to is not None or worker.settled():
+                continue
+            if worker.resizable or target in (0, worker.size):
+                resize[worker.name] = target
+            else:
+                # A pool that cannot resize in place: a warm shutdown lets its running
+                # tasks finish and gives reserved ones back; _tend() starts it again.
+                worker.resize_to = target
+                log.info(
+                    "%s: draining its %s pool to restart it at concurrency %d",
+                    worker.partition.name, worker.partition.pool, target,
+                )  # fmt: skip
+                assert worker.process is not None
+                worker.process.send_signal(signal.SIGTERM)
+        if resize:
+            self._resize(resize)
+
+    def _resize(self, targets: dict[str, int]) -> None:
+        timeout_s = min(1.0, self.partitioner.settings.supervisor.interval_s)
+        try:
+            answers = send_targets(self.partitioner.app, targets, timeout_s, list(targets))
+        except connection_errors(self.partitioner.app) as exc:
+            log.warning("cannot reach the workers to resize them: %s", exc)
+            return
+        by_name = {w.name: w for w in self.workers}
+        for answer in answers:
+            worker = by_name.get(answer["worker"])
+            if worker is None:
+                continue
+            was_settled = worker.settled()
+            worker.pool = dict(answer)
+            if worker.settled() and not was_settled:
+                log.info(
+                    "%s: pool at %d (%d process(es)), %.2f s after the plan",
+                    worker.partition.name, answer["slots"], answer["size"],
+                    time.monotonic() - worker.planned_at,
+                )  # fmt: skip
+
+    def _reload_if_changed(self) -> None:
+        modified = _modified(self.config)
+        if not self._reload_asked and modified == self._config_seen:
+            return
+        self._reload_asked = False
+        self._config_seen = modified
+        where = str(self.config) if self.config else "the environment and .env"
+        try:
+            settings, topology, changed = live.reload(self.partitioner.settings, self.config)
+        except PartitionerError as exc:
+            log.error("settings in %s refused; the running settings stay:\n%s", where, exc)
+            return
+        if not changed:
+            log.info("settings in %s read again: nothing changed", where)
+            return
+        self.partitioner.settings = settings
+        self.partitioner.topology = topology
+        log.info("settings in %s applied: %s", where, "; ".join(changed))
+        if not settings.supervisor.enabled and self.supervisor is not None:
+            self.supervisor.close()
+            self.supervisor = None
+            self.apply({p.name: p.concurrency for p in topology.partitions})
+        self._next_step = 0.0
 
     def _install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
+
+    def _on_hangup(self, signum: int, frame: FrameType | None) -> None:
+        self._reload_asked = True
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._stopping += 1
@@ -298,3 +455,13 @@ def die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
         pass
+
+
+def _modified(path: Path | None) -> float | None:
+    # The settings file's modification time; None when there is none, or it is gone.
+    if path is None:
+        return None
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None

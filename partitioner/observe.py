@@ -21,6 +21,8 @@ from partitioner.breaker.board import Breakers
 from partitioner.breaker.store import Snapshot
 from partitioner.errors import BrokerError, StoreUnavailable
 from partitioner.settings import mask_url
+from partitioner.supervisor.pool import ATTR as POOL_ATTR
+from partitioner.supervisor.pool import PoolControl
 from partitioner.topology import Partition
 
 COMMAND = "partitioner_observe"
@@ -37,9 +39,17 @@ class PartitionObservation:
     max: int
     reserved: int = 0
     running: int = 0
+    # The tasks the partition's workers may hold and run now, summed (their `slots`).
     concurrency: int = 0
     workers: list[str] = field(default_factory=list)
     breaker: dict[str, Any] | None = None
+    slots: int = 0
+    # Live pool processes (threads: thread limits), summed.
+    size: int = 0
+    # Mean run time in seconds of the latest tasks, over the workers that ran some.
+    runtime_s: float | None = None
+    # Each worker's pool, as it replies to the resize command.
+    pools: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def waiting(self) -> int:
@@ -56,8 +66,13 @@ class PartitionObservation:
         return asdict(self) | {"waiting": self.waiting, "backlog": self.backlog}
 
 
-def observe(partitioner: Partitioner, timeout_s: float = 1.0) -> list[PartitionObservation]:
-    """Every partition's backlog and pools, from the broker and the workers' replies."""
+def observe(
+    partitioner: Partitioner, timeout_s: float = 1.0, expected: int | None = None
+) -> list[PartitionObservation]:
+    """Every partition's backlog and pools, from the broker and the workers' replies.
+
+    The workers get `timeout_s` to reply; with `expected` replies in, the wait ends sooner.
+    """
     waiting = waiting_counts(partitioner)
     observations = {
         p.name: PartitionObservation(
@@ -71,14 +86,25 @@ def observe(partitioner: Partitioner, timeout_s: float = 1.0) -> list[PartitionO
     if partitioner.breakers is not None:
         for p in partitioner.breakers.gated:
             observations[p.name].breaker = _breaker(partitioner.breakers, p)
-    for report in worker_reports(partitioner, timeout_s):
+    runtimes: dict[str, list[float]] = {}
+    for report in worker_reports(partitioner, timeout_s, expected):
         found = observations.get(str(report.get("partition")))
         if found is None:
             continue
         found.workers.append(str(report["worker"]))
-        found.concurrency += int(report["concurrency"])
         found.reserved += sum(report["reserved"].values())
         found.running += sum(report["running"].values())
+        # A worker of an older release replies with `concurrency` alone.
+        slots = int(report.get("slots", report["concurrency"]))
+        found.slots += slots
+        found.concurrency += slots
+        found.size += int(report.get("size", slots))
+        if report.get("pool"):
+            found.pools.append(report["pool"])
+        if report.get("runtime_s") is not None:
+            runtimes.setdefault(found.name, []).append(float(report["runtime_s"]))
+    for name, seen in runtimes.items():
+        observations[name].runtime_s = sum(seen) / len(seen)
     return list(observations.values())
 
 
@@ -127,9 +153,13 @@ def waiting_counts(partitioner: Partitioner) -> dict[str, int]:
     return counts
 
 
-def worker_reports(partitioner: Partitioner, timeout_s: float) -> list[dict[str, Any]]:
+def worker_reports(
+    partitioner: Partitioner, timeout_s: float, expected: int | None = None
+) -> list[dict[str, Any]]:
     """The replies of every partition worker to the observe command."""
-    replies = partitioner.app.control.broadcast(COMMAND, reply=True, timeout=timeout_s)
+    replies = partitioner.app.control.broadcast(
+        COMMAND, reply=True, timeout=timeout_s, limit=expected or None
+    )
     reports = []
     for reply in replies or []:
         for answer in reply.values():
@@ -151,15 +181,26 @@ def _report(state: Any, **kwargs: Any) -> dict[str, Any]:
 
     active = set(worker_state.active_requests)
     reserved = set(worker_state.reserved_requests) - active
-    pool = state.consumer.pool
-    info = pool.info if pool is not None else {}
     worker = os.environ.get(WORKER_ENV, state.hostname)
-    return {
+    report: dict[str, Any] = {
         "worker": worker,
         "partition": worker.split("@", 1)[0],
-        "concurrency": len(info.get("processes", ())) or int(info.get("max-concurrency", 0)),
         "running": _by_queue(active),
         "reserved": _by_queue(reserved),
+    }
+    control: PoolControl | None = getattr(state.consumer, POOL_ATTR, None)
+    if control is None:
+        # A worker without the pool step: its pool as Celery sees it.
+        info = state.consumer.pool.info if state.consumer.pool is not None else {}
+        size = len(info.get("processes", ())) or int(info.get("max-concurrency", 0))
+        return report | {"concurrency": size, "slots": size, "size": size}
+    figures = control.figures()
+    return report | {
+        "concurrency": figures["slots"],
+        "slots": figures["slots"],
+        "size": figures["size"],
+        "runtime_s": control.runtimes.mean_s,
+        "pool": dict(figures),
     }
 
 

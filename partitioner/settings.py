@@ -49,7 +49,7 @@ from partitioner.errors import SettingsError
 ENV_PREFIX = "PARTITIONER_"
 CONFIG_ENV = "PARTITIONER_CONFIG"
 # Set by `partitioner launch` for the worker processes it starts; not user settings.
-INTERNAL_ENV = {"PARTITIONER_CONFIG", "PARTITIONER_WORKER"}
+INTERNAL_ENV = {"PARTITIONER_CONFIG", "PARTITIONER_WORKER", "PARTITIONER_TARGET"}
 BROKER_SCHEMES = ("redis", "rediss", "redis+socket", "amqp", "amqps", "pyamqp")
 STATE_SCHEMES = ("redis", "rediss", "unix")
 PartitionName = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -144,7 +144,7 @@ class PartitionSettings(BaseModel):
     )
     min: NonNegativeInt = Field(
         1,
-        description="Lowest concurrency the partition may have; 0 lets it stop fetching. Default 1.",
+        description="Lowest concurrency of the partition; 0: it may stop fetching. Default 1.",
     )
     max: PositiveInt | None = Field(
         None, description="Highest concurrency the partition may have. Default: `concurrency`."

@@ -56,8 +56,18 @@ def key(kind: str, name: str) -> str:
     return f"{PREFIX}:{kind}:{name}"
 
 
-def record_done(service: str, task_id: str, sent_at: float | None, ok: bool) -> None:
-    """Append one completion to the ledger that the demo and benchmarks read."""
+def record_done(
+    service: str,
+    task_id: str,
+    sent_at: float | None,
+    ok: bool,
+    started_at: float | None = None,
+) -> None:
+    """Append one completion to the ledger that the demo and benchmarks read.
+
+    `started_at` (epoch seconds) is when the task began to run, so that a reader can
+    tell how many tasks ran at once; entries without it are older or from elsewhere.
+    """
     store = client()
     if store is None or sent_at is None:
         return
@@ -68,6 +78,8 @@ def record_done(service: str, task_id: str, sent_at: float | None, ok: bool) -> 
         "done_at": time.time(),
         "ok": ok,
     }
+    if started_at is not None:
+        entry["started_at"] = started_at
     store.rpush(LEDGER, json.dumps(entry))
 
 

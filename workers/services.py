@@ -7,6 +7,8 @@ duration in seconds (default 0.02).
 
 from __future__ import annotations
 
+import time
+
 from celery import Task, shared_task
 
 from workers import control, faults
@@ -15,13 +17,15 @@ WORK_S = 0.02
 
 
 def serve(task: Task, service: str, sent_at: float | None, work_s: float) -> str:
-    """Run one task of `service` and record how it ended."""
+    """Run one task of `service` and record when it started and how it ended."""
+    started_at = time.time()
+    task_id = task.request.id
     try:
         faults.call_dependency(service, work_s)
     except faults.DependencyError:
-        control.record_done(service, task.request.id, sent_at, ok=False)
+        control.record_done(service, task_id, sent_at, ok=False, started_at=started_at)
         raise
-    control.record_done(service, task.request.id, sent_at, ok=True)
+    control.record_done(service, task_id, sent_at, ok=True, started_at=started_at)
     return service
 
 

@@ -2,11 +2,12 @@
 halts it, fetches only probes while it is half-open, and reports every task's outcome.
 
 It is a Celery consumer bootstep, so it applies the wanted queues again whenever the consumer
-restarts after a broker reconnect: a cancelled queue stays cancelled. Between restarts a
-thread watches the breaker and asks the worker's own consumer, over remote control (which
-runs in the consumer's thread), to add or cancel queues. The same thread, in the one worker
-of the partition holding a lease, moves tasks: waiting tasks into the probe queue while
-half-open (one per probe permit), and parked tasks back to the partition's queue, at
+restarts after a broker reconnect: a cancelled queue stays cancelled. The pool's resize pauses
+a worker through it too: at target 0 it consumes no queue, whatever the breaker says. Between
+restarts a thread watches the breaker and asks the worker's own consumer, over remote control
+(which runs in the consumer's thread), to apply the queues it wants. The same thread, in the
+one worker of the partition holding a lease, moves tasks: waiting tasks into the probe queue
+while half-open (one per probe permit), and parked tasks back to the partition's queue, at
 `replay_rate`, once the breaker has closed.
 """
 
@@ -48,6 +49,8 @@ TICK_S = 0.05
 # costs a broker round trip per priority list.
 MOVE_EVERY_S = 0.25
 LEASE_MS = 3000
+# Asks a worker's consumer thread to apply the queues its gate wants now.
+GATE_COMMAND = "partitioner_gate"
 # Failures whatever the record and ignore lists say.
 ALWAYS_FAILURES = (TimeLimitExceeded, SoftTimeLimitExceeded, WorkerLostError)
 # Ends of a task that say nothing of its dependency: a revoke or a cancel on connection
@@ -57,7 +60,12 @@ NOT_OUTCOMES = (Terminated, Ignore, Reject, SystemExit, KeyboardInterrupt, Parti
 
 
 class ConsumerGate(bootsteps.StartStopStep):  # type: ignore[misc]
-    """The partition worker's half of the breaker."""
+    """What a partition worker consumes: the queues its breaker lets it consume, or
+    none while its pool is paused.
+
+    Present in every launched worker, breakers or not: the pool's resize pauses a worker
+    at target 0 through it (see `partitioner.supervisor.pool`).
+    """
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
@@ -67,25 +75,28 @@ class ConsumerGate(bootsteps.StartStopStep):  # type: ignore[misc]
         self.hostname = str(c.hostname)
         self.worker = os.environ.get(WORKER_ENV, self.hostname)
         self.partition = self.partitioner.topology.by_name[self.worker.split("@", 1)[0]]
-        self.enabled = self.partition.breaker.enabled and self.partitioner.breakers is not None
+        # Not `enabled`: a bootstep with enabled = False is never started, and the gate
+        # must start in every worker to apply a pause.
+        breakers = self.partitioner.breakers
+        self.breaker_on = self.partition.breaker.enabled and breakers is not None
+        # Set by the pool's resize at target 0; read on every (re)start of the consumer.
+        self.paused = False
         self.applied: frozenset[str] | None = None
+        self.requested: frozenset[str] | None = None
         self._thread: threading.Thread | None = None
-        if self.enabled:
+        c.partitioner_gate = self
+        register()
+        if self.breaker_on:
             assert self.partitioner.breakers is not None
             record_outcomes(c.app, self.partitioner.breakers, self.partition)
 
     def start(self, c: Any) -> None:
-        if not self.enabled:
-            return
-        wanted = self.wanted()
-        current = {q.name for q in c.task_consumer.queues}
-        for queue in sorted(wanted - current):
-            c.add_task_queue(queue)
-        for queue in sorted((self.gated & current) - wanted):
-            c.cancel_task_queue(queue)
-        self.applied = wanted
-        log.debug("%s: consuming %s", self.partition.name, sorted(wanted) or "nothing")
-        if self._thread is None:
+        if self.breaker_on:
+            self.requested = self.wanted()
+        self.apply(c)
+        consuming = ", ".join(sorted(self.applied or ())) or "nothing"
+        log.debug("%s: consuming %s", self.partition.name, consuming)
+        if self.breaker_on and self._thread is None:
             self._thread = threading.Thread(
                 target=self._watch, args=(c.app,), name="partitioner-gate", daemon=True
             )
@@ -94,11 +105,15 @@ class ConsumerGate(bootsteps.StartStopStep):  # type: ignore[misc]
     @property
     def gated(self) -> frozenset[str]:
         """Every queue the gate decides about."""
+        if not self.breaker_on:
+            return frozenset(self.partition.queues)
         return frozenset((*self.partition.queues, self.partition.probe_queue))
 
     def wanted(self) -> frozenset[str]:
-        """The queues this worker should consume now."""
+        """The queues the breaker lets this worker consume now."""
         p = self.partition
+        if not self.breaker_on:
+            return self.gated
         assert self.partitioner.view is not None
         seen = self.partitioner.view.get(p.name)
         if seen is None:
@@ -108,13 +123,41 @@ class ConsumerGate(bootsteps.StartStopStep):  # type: ignore[misc]
             return frozenset((p.probe_queue,))
         return frozenset() if state.halts else self.gated
 
+    def consumed(self) -> frozenset[str]:
+        """The queues this worker should consume now: none while its pool is paused."""
+        return frozenset() if self.paused else self.wanted()
+
+    def apply(self, c: Any) -> frozenset[str] | None:
+        """Add and cancel queues on consumer `c` to match `consumed()`.
+
+        Runs in the consumer's thread. Returns the queues now consumed if that changed,
+        else None.
+        """
+        if c.task_consumer is None:
+            return None  # the consumer restarts; start() applies again
+        wanted = self.consumed()
+        current = {q.name for q in c.task_consumer.queues}
+        for queue in sorted(wanted - current):
+            # Named in full: the probe queue is not in task_queues (see app.py).
+            c.add_task_queue(queue, exchange=queue, exchange_type="direct", routing_key=queue)
+        for queue in sorted((self.gated & current) - wanted):
+            c.cancel_task_queue(queue)
+        changed = wanted != self.applied
+        self.applied = wanted
+        return wanted if changed else None
+
+    def pause(self, c: Any, paused: bool) -> None:
+        """Stop (or restart) consuming every queue, whatever the breaker says."""
+        self.paused = paused
+        self.apply(c)
+
     def _watch(self, app: Any) -> None:
         mover = Mover(self.partitioner, self.partition, self.worker)
         failing = False
         while True:
             try:
                 wanted = self.wanted()
-                if wanted != self.applied:
+                if wanted != self.requested:
                     self._request(app, wanted)
                 mover.tick(time.monotonic())
             except Exception:  # the gate must outlive any one failure; it retries next tick
@@ -134,18 +177,30 @@ class ConsumerGate(bootsteps.StartStopStep):  # type: ignore[misc]
             time.sleep(TICK_S)
 
     def _request(self, app: Any, wanted: frozenset[str]) -> None:
-        destination = [self.hostname]
-        for queue in sorted(wanted):
-            # Named in full: the probe queue is not in task_queues (see app.py).
-            app.control.add_consumer(
-                queue, exchange=queue, exchange_type="direct", routing_key=queue,
-                destination=destination, reply=False,
-            )  # fmt: skip
-        for queue in sorted(self.gated - wanted):
-            app.control.cancel_consumer(queue, destination=destination, reply=False)
-        self.applied = wanted
-        consuming = ", ".join(sorted(wanted)) or "nothing"
-        log.info("%s: consumer gate: consuming %s", self.partition.name, consuming)
+        # The consumer is not thread-safe: ask its own thread, over remote control, to
+        # apply what the breaker wants. It looks again when the command arrives, so that
+        # a pause applied in the meantime is not undone by a request sent before it.
+        app.control.broadcast(GATE_COMMAND, destination=[self.hostname], reply=False)
+        self.requested = wanted
+
+
+def register() -> None:
+    """Register the gate's remote-control command in this worker process."""
+    from celery.worker.control import Panel, control_command
+
+    if GATE_COMMAND not in Panel.data:
+        control_command(name=GATE_COMMAND)(_on_gate_command)
+
+
+def _on_gate_command(state: Any, **kwargs: Any) -> dict[str, Any]:
+    gate: ConsumerGate | None = getattr(state.consumer, "partitioner_gate", None)
+    if gate is None:
+        return {"error": "this worker has no consumer gate"}
+    changed = gate.apply(state.consumer)
+    if changed is not None:
+        consuming = ", ".join(sorted(changed)) or "nothing"
+        log.info("%s: consumer gate: consuming %s", gate.partition.name, consuming)
+    return {"consuming": sorted(gate.applied or ())}
 
 
 class Mover:

@@ -4,7 +4,9 @@ Rules, in order:
 
 - every partition gets at least its `min`; a partition whose breaker halts it, and a
   partition with no backlog, get exactly their `min`, so their capacity goes elsewhere;
+  a half-open one gets one process for its probes, if its `min` is 0;
 - a partition with backlog wants one process per task of it, up to its `max`;
+- every partition with backlog gets one process at least, while the budget allows;
 - what the budget has left after every `min` is shared between the partitions that want
   more, in proportion to their backlog, no partition above what it wants;
 - a busy partition is not shrunk within `cooldown_s` of its last change while the budget
@@ -35,13 +37,16 @@ class Demand:
     max: int
     current: int
     backlog: int
-    halted: bool = False  # its breaker is open, half-open or forced open
+    halted: bool = False  # its breaker is open or forced open, or its worker crash-loops
+    probing: bool = False  # its breaker is half-open: one process runs the probes
 
     @property
     def wants(self) -> int:
         """The concurrency it would use: its backlog, within its limits; min when idle."""
         if self.halted or self.backlog == 0:
             return self.min
+        if self.probing:
+            return max(self.min, 1)
         return max(self.min, min(self.max, self.backlog))
 
 
@@ -75,8 +80,14 @@ def plan(
 
 
 def _share(demands: Sequence[Demand], targets: dict[str, int], spare: int) -> None:
-    # Water-filling: each round gives every partition that still wants more a share of
-    # what is left in proportion to its backlog (at least 1 to the largest backlogs),
+    # First, one process to each partition with backlog and none (min 0), largest backlog
+    # first, so that a small backlog is not starved by a large one.
+    for d in sorted(demands, key=lambda d: (-d.backlog, d.name)):
+        if spare > 0 and targets[d.name] == 0 and d.wants > 0:
+            targets[d.name] = 1
+            spare -= 1
+    # Then water-filling: each round gives every partition that still wants more a share
+    # of what is left in proportion to its backlog (at least 1 to the largest backlogs),
     # until nothing is left or nobody wants more.
     while spare > 0:
         hungry = [d for d in demands if targets[d.name] < d.wants]
@@ -105,7 +116,8 @@ def _hold_busy(
     for d in sorted(demands, key=lambda d: d.name):
         shrink = d.current - targets[d.name]
         cooling = since_change_s.get(d.name, float("inf")) < cooldown_s
-        if shrink > 0 and cooling and d.backlog > 0 and not d.halted and room > 0:
+        busy = d.backlog > 0 and not (d.halted or d.probing)
+        if shrink > 0 and cooling and busy and room > 0:
             kept = min(shrink, room, d.max - targets[d.name])
             targets[d.name] += kept
             room -= kept
@@ -123,6 +135,8 @@ def why(d: Demand, budget: int) -> str:
     """The figures behind a partition's target, in words."""
     if d.halted:
         return "breaker halts it"
+    if d.probing:
+        return f"breaker half-open: probes, backlog {d.backlog}"
     if d.backlog == 0:
         return "no backlog"
     return f"backlog {d.backlog}, limits {d.min}..{d.max}, budget {budget}"

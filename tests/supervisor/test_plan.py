@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -24,6 +26,7 @@ def demands(draw: st.DrawFn) -> tuple[list[Demand], int]:
                 current=draw(st.integers(low, high)),
                 backlog=draw(st.integers(0, 50)),
                 halted=draw(st.booleans()),
+                probing=draw(st.booleans()),
             )
         )
     budget = draw(st.integers(sum(d.min for d in found), sum(d.max for d in found) + 4))
@@ -43,6 +46,8 @@ def test_targets_stay_within_limits_and_budget(
         assert d.min <= targets[d.name] <= d.max
         if d.halted or d.backlog == 0:
             assert targets[d.name] == d.min, d
+        elif d.probing:
+            assert targets[d.name] <= max(d.min, 1), d  # probes need one process, no more
 
 
 @given(demands())
@@ -65,10 +70,23 @@ def test_no_capacity_is_left_idle_while_a_partition_wants_more(
 
 
 @given(demands())
+def test_every_partition_with_backlog_runs_while_the_budget_allows(
+    case: tuple[list[Demand], int],
+) -> None:
+    found, budget = case
+    waiting = [d for d in found if d.wants > 0]
+    assume(
+        sum(max(d.min, 1) for d in waiting) + sum(d.min for d in found if d.wants == 0) <= budget
+    )
+    targets = plan(found, budget).targets
+    assert all(targets[d.name] >= 1 for d in waiting)
+
+
+@given(demands())
 def test_a_steady_load_gives_the_same_plan_again(case: tuple[list[Demand], int]) -> None:
     found, budget = case
     first = plan(found, budget).targets
-    again = [Demand(d.name, d.min, d.max, first[d.name], d.backlog, d.halted) for d in found]
+    again = [replace(d, current=first[d.name]) for d in found]
     second = plan(again, budget, {d.name: 0.0 for d in found})
     assert second.targets == first
     assert second.reasons == {}
