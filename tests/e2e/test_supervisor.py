@@ -8,8 +8,8 @@ import json
 import os
 import signal
 import time
-from datetime import datetime
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
