@@ -168,7 +168,12 @@ def route(ctx: click.Context, task_name: str) -> None:
 def launch(
     ctx: click.Context, app_spec: str, hostname: str | None, loglevel: str, log_dir: Path | None
 ) -> None:
-    """Run one worker per partition, restart those that die, until SIGTERM or Ctrl-C.
+    """Run one worker per partition, resize and restart them, until SIGTERM or Ctrl-C.
+
+    The supervisor resizes the pools within the limits every supervisor.interval_s. On
+    SIGHUP, or when the settings file changes, new limits apply without a restart (an
+    invalid edit is refused and logged). Run it on every host with its own --hostname and
+    the same settings: one launcher leads, through a lease in Redis.
 
     With no broker set (PARTITIONER_BROKER_URL or the app's own), an embedded server runs in
     the state folder: started, or joined if another launcher runs it, or adopted if its
@@ -206,9 +211,10 @@ def status(ctx: click.Context, as_json: bool, timeout: float) -> None:
     for targets in supervisor["plan"].values():
         for name, target in targets.items():
             planned[name] = planned.get(name, 0) + target
-    degraded = {
-        name: [h["name"] for h in supervisor["hosts"] if name in h["degraded"]] for name in planned
-    }
+    degraded: dict[str, list[str]] = {}
+    for host in supervisor["hosts"]:
+        for name in host["degraded"]:
+            degraded.setdefault(name, []).append(host["name"])
     header = (
         "partition", "queues", "waiting", "reserved", "running", "backlog", "conc", "target",
         "limits", "breaker",

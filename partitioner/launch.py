@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -163,6 +164,7 @@ class Launcher:
         self._config_seen = _modified(self.config)
         self._reload_asked = False
         self._next_step = 0.0
+        self._failing: set[str] = set()
         self._stopping = 0
 
     def run(self) -> int:
@@ -174,17 +176,14 @@ class Launcher:
                 self._start(worker)
             while not self._stopping:
                 self._tend()
-                self._reload_if_changed()
-                self._supervise()
+                self._guarded(self._reload_if_changed)
+                self._guarded(self._supervise)
                 time.sleep(POLL_INTERVAL_S)
+        finally:
+            # Warm even when the loop itself failed: running tasks finish.
             if self.supervisor is not None:
                 self.supervisor.close()
             self._shutdown()
-        finally:
-            for worker in self.workers:
-                if worker.running:
-                    assert worker.process is not None
-                    worker.process.kill()
             if self.server is not None:
                 self.server.stop()
         return 0
@@ -233,8 +232,9 @@ class Launcher:
         worker.started_at = time.monotonic()
         worker.restart_at = None
         log.info(
-            "%s: worker %s started (pid %d, concurrency %d, pool %s, queues %s)",
-            p.name, worker.name, worker.process.pid, worker.target, p.pool, ",".join(p.queues),
+            "%s: worker %s started (pid %d, concurrency %d, %d process(es), pool %s, queues %s)",
+            p.name, worker.name, worker.process.pid, worker.target, worker.size, p.pool,
+            ",".join(p.queues),
         )  # fmt: skip
 
     def command(self, p: Partition, size: int | None = None) -> list[str]:
@@ -301,6 +301,18 @@ class Launcher:
                     worker.partition.name, worker.failures, STABLE_AFTER_S,
                 )  # fmt: skip
 
+    def _guarded(self, step: Callable[[], None]) -> None:
+        # The supervisor and the reload are extras: their failure must not stop the workers
+        # being kept alive. Logged once per run of failures.
+        try:
+            step()
+        except Exception:
+            if step.__name__ not in self._failing:
+                log.exception("%s failed; the workers run on, it retries each step", step.__name__)
+            self._failing.add(step.__name__)
+        else:
+            self._failing.discard(step.__name__)
+
     def _supervise(self) -> None:
         settings = self.partitioner.settings.supervisor
         now = time.monotonic()
@@ -324,6 +336,9 @@ class Launcher:
             target = targets.get(worker.partition.name)
             if target is None:
                 continue
+            # The leader plans with its own limits: keep to this host's.
+            p = self.partitioner.topology.by_name[worker.partition.name]
+            target = min(max(target, p.min), p.max)
             if target != worker.target:
                 worker.target = target
                 worker.planned_at = time.monotonic()
@@ -383,9 +398,11 @@ class Launcher:
         self.partitioner.settings = settings
         self.partitioner.topology = topology
         log.info("settings in %s applied: %s", where, "; ".join(changed))
-        if not settings.supervisor.enabled and self.supervisor is not None:
+        if self.supervisor is not None:
+            # Made again at the next step, with the new timing and lease.
             self.supervisor.close()
             self.supervisor = None
+        if not settings.supervisor.enabled:
             self.apply({p.name: p.concurrency for p in topology.partitions})
         self._next_step = 0.0
 

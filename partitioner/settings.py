@@ -203,6 +203,17 @@ class SupervisorSettings(BaseModel):
         3, description="Quick restarts in a row that mark a partition degraded. Default 3."
     )
 
+    @model_validator(mode="after")
+    def _lease_outlives_steps(self) -> SupervisorSettings:
+        # The lease and the heartbeats are renewed once a step: shorter, they would lapse
+        # between two steps, and leadership would pass back and forth.
+        if self.lease_s < 2 * self.interval_s:
+            raise ValueError(
+                f"lease_s {self.lease_s:g} is below twice interval_s {self.interval_s:g}; "
+                "raise lease_s or lower interval_s"
+            )
+        return self
+
 
 class Settings(BaseSettings):
     """All of Partitioner's settings. See `config/partitioner.toml` for a worked example."""

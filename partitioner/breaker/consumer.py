@@ -40,6 +40,7 @@ from partitioner.breaker.machine import Outcome, State
 from partitioner.breaker.producer import PROBE_HEADER
 from partitioner.breaker.transfer import Transfer
 from partitioner.errors import PartitionOpen, StoreUnavailable
+from partitioner.supervisor.lease import Lease
 from partitioner.topology import Partition
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,8 @@ class Mover:
         self.partition = partition
         self.worker = worker
         self.transfer = Transfer(partitioner)
-        self.lease_key = f"{partitioner.view.channel}:mover:{partition.name}"
+        lease_key = f"{partitioner.view.channel}:mover:{partition.name}"
+        self.lease = Lease(partitioner.view.client, lease_key, worker, LEASE_MS)
         self._replay_budget = 0.0
         self._last = time.monotonic()
 
@@ -242,17 +244,12 @@ class Mover:
             moved = self.transfer.move(p.probe_queue, p.queue)
 
     def _lease(self) -> bool:
-        client = self.view.client
         try:
-            if client.set(self.lease_key, self.worker, nx=True, px=LEASE_MS):
-                return True
-            if client.get(self.lease_key) == self.worker.encode():
-                client.pexpire(self.lease_key, LEASE_MS)
-                return True
+            return self.lease.hold()
         except redis.RedisError as exc:
             # The store went away before the view noticed: no mover, and one warning.
             self.breakers.health.failed(exc)
-        return False
+            return False
 
     def _feed_probes(self) -> None:
         p = self.partition

@@ -23,6 +23,16 @@ end
 return 0
 """
 
+# Write KEYS[2] only while this holder has the lease: a leader that lost it mid-step
+# cannot overwrite what the next leader wrote.
+_WRITE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
@@ -41,6 +51,7 @@ class Lease:
         self.ttl_ms = ttl_ms
         self._hold = client.register_script(_HOLD)
         self._release = client.register_script(_RELEASE)
+        self._write = client.register_script(_WRITE)
 
     def hold(self) -> bool:
         """Take or renew the lease; True while this holder has it. Raises `RedisError`."""
@@ -49,3 +60,7 @@ class Lease:
     def release(self) -> None:
         """Give the lease back at once, if this holder still has it."""
         self._release(keys=[self.key], args=[self.holder])
+
+    def write_if_held(self, key: str, value: str) -> bool:
+        """Set `key` to `value` if this holder still has the lease; False if not."""
+        return bool(self._write(keys=[self.key, key], args=[self.holder, value]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from contextlib import suppress
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -89,17 +90,27 @@ class Supervisor:
         self.record = record
         self.lease = record.lease(host, self._lease_ms)
         self.leading = False
+        # By (host, partition): the planned size, the size staged last, when the plan changed.
         self.planned: dict[tuple[str, str], int] = {}
+        self.staged: dict[tuple[str, str], int] = {}
         self.changed_at: dict[tuple[str, str], float] = {}
-        self._store_failing = False
+        self._failing = False
+        self._resume_at = 0.0
+        self._warned_cluster = False
 
     @property
     def _lease_ms(self) -> int:
         return round(self.partitioner.settings.supervisor.lease_s * 1000)
 
     def step(self, pools: Pools, now: float | None = None) -> dict[str, int] | None:
-        """One control step; the sizes this host's pools should have, if known yet."""
+        """One control step; the sizes this host's pools should have, if known yet.
+
+        While the broker or the state store does not answer, it tries again only once a
+        lease period has passed, so that the launcher's loop is not held up every step.
+        """
         now = time.monotonic() if now is None else now
+        if now < self._resume_at:
+            return None
         budget = self.partitioner.topology.budget
         try:
             self.record.heartbeat(
@@ -109,17 +120,11 @@ class Supervisor:
                 self._plan(now)
             mine = self.record.plan().get(self.host)
         except (redis.RedisError, BrokerError) as exc:
-            if not self._store_failing:
-                log.warning(
-                    "supervisor: cannot reach the broker or the state store (%s); pools keep "
-                    "their sizes until it answers",
-                    exc,
-                )
-            self._store_failing = True
+            self._fail(exc, now)
             return None
-        if self._store_failing:
-            log.info("supervisor: the state store answers again")
-            self._store_failing = False
+        if self._failing:
+            log.info("supervisor: the broker and the state store answer again")
+            self._failing = False
         return mine
 
     def close(self) -> None:
@@ -130,6 +135,21 @@ class Supervisor:
             self.record.forget(self.host)
         except redis.RedisError as exc:
             log.warning("supervisor: could not give up the lead cleanly: %s", exc)
+
+    def _fail(self, exc: Exception, now: float) -> None:
+        if not self._failing:
+            log.warning(
+                "supervisor: cannot reach the broker or the state store (%s); pools keep "
+                "their sizes, and it tries again every %g s",
+                exc, self.partitioner.settings.supervisor.lease_s,
+            )  # fmt: skip
+        self._failing = True
+        self._resume_at = now + self.partitioner.settings.supervisor.lease_s
+        # A leader that cannot observe lets another host try.
+        if self.leading and self.lease is not None:
+            with suppress(redis.RedisError):
+                self.lease.release()
+        self.leading = False
 
     def _lead(self) -> bool:
         leading = self.lease is None or self.lease.hold()
@@ -143,15 +163,35 @@ class Supervisor:
 
     def _plan(self, now: float) -> None:
         settings = self.partitioner.settings
-        topology = self.partitioner.topology
         hosts = {h.name: h for h in self.record.hosts()}
         expected = sum(len(h.workers) for h in hosts.values())
         timeout_s = min(1.0, settings.supervisor.interval_s)
         observations = observe(self.partitioner, timeout_s=timeout_s, expected=expected)
         pools = _pools_by_host(observations)
-        states = {o.name: _state(o.breaker) for o in observations}
-        halted = {name for name, state in states.items() if state in HALTING}
+        shapes = self._shapes(hosts, pools, observations)
+        self._check_cluster_budget(shapes)
+        backlog = {o.name: o.backlog for o in observations}
+        since = {key: now - at for key, at in self.changed_at.items()}
+        plans = plan_cluster(
+            shapes, backlog, settings.cluster_budget, since, settings.supervisor.cooldown_s
+        )
+        decisions = self._decide(shapes, plans, backlog, hosts, now)
+        staged = {
+            shape.name: self._stage(shape, plans[shape.name].targets, pools) for shape in shapes
+        }
+        for decision in decisions:
+            log.info("supervisor: %s", decision)
+        self.record.add_decisions(decisions)
+        if not self.record.set_plan(staged, self.lease):
+            log.warning("supervisor: %s lost the lead while planning; plan dropped", self.host)
 
+    def _shapes(
+        self,
+        hosts: Mapping[str, HostInfo],
+        pools: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        observations: list[PartitionObservation],
+    ) -> list[Host]:
+        states = {o.name: _state(o.breaker) for o in observations}
         shapes = []
         for name, info in sorted(hosts.items()):
             seen = pools.get(name, {})
@@ -162,54 +202,77 @@ class Supervisor:
                     max=p.max,
                     current=self._current(name, p.name, seen.get(p.name), p.concurrency),
                     backlog=0,
-                    halted=p.name in halted or p.name in info.degraded,
+                    halted=states.get(p.name) in HALTING or p.name in info.degraded,
                     probing=states.get(p.name) is State.HALF_OPEN,
                 )
-                for p in topology.partitions
+                for p in self.partitioner.topology.partitions
             ]
             shapes.append(Host(name, info.budget, demands))
-        backlog = {o.name: o.backlog for o in observations}
-        since = {key: now - at for key, at in self.changed_at.items()}
-        plans = plan_cluster(
-            shapes, backlog, settings.cluster_budget, since, settings.supervisor.cooldown_s
-        )
+        return shapes
 
+    def _check_cluster_budget(self, shapes: list[Host]) -> None:
+        cluster_budget = self.partitioner.settings.cluster_budget
+        mins = sum(d.min for shape in shapes for d in shape.demands)
+        over = cluster_budget is not None and mins > cluster_budget
+        if over and not self._warned_cluster:
+            log.error(
+                "supervisor: the mins of %d host(s) add up to %d, more than cluster_budget "
+                "%s; every host keeps its mins, so the cluster runs above it",
+                len(shapes), mins, cluster_budget,
+            )  # fmt: skip
+        self._warned_cluster = over
+
+    def _decide(
+        self,
+        shapes: list[Host],
+        plans: Mapping[str, Any],
+        backlog: Mapping[str, int],
+        hosts: Mapping[str, HostInfo],
+        now: float,
+    ) -> list[Decision]:
         decisions = []
-        staged: dict[str, dict[str, int]] = {}
         for shape in shapes:
-            targets = plans[shape.name].targets
             by_name = {d.name: d for d in shape.demands}
-            for partition, target in targets.items():
+            for partition, target in plans[shape.name].targets.items():
                 key = (shape.name, partition)
                 before = self.planned.get(key, by_name[partition].current)
-                if target != before:
-                    d = replace(by_name[partition], backlog=backlog.get(partition, 0))
-                    reason = (
-                        "degraded: its worker crash-loops"
-                        if partition in hosts[shape.name].degraded
-                        else why(d, shape.budget)
-                    )
-                    decisions.append(
-                        Decision(time.time(), shape.name, partition, before, target, reason)
-                    )
-                    self.changed_at[key] = now
                 self.planned[key] = target
-            seen = pools.get(shape.name, {})
-            current = {d.name: d.current for d in shape.demands}
-            held = {p: _held(seen.get(p)) for p in targets}
-            staged[shape.name] = stage(targets, current, held, shape.budget)
-        for decision in decisions:
-            log.info("supervisor: %s", decision)
-        self.record.add_decisions(decisions)
-        self.record.set_plan(staged)
+                if target == before:
+                    continue
+                if partition in hosts[shape.name].degraded:
+                    reason = "degraded: its worker crash-loops"
+                else:
+                    d = replace(by_name[partition], backlog=backlog.get(partition, 0))
+                    reason = why(d, shape.budget)
+                decisions.append(
+                    Decision(time.time(), shape.name, partition, before, target, reason)
+                )
+                self.changed_at[key] = now
+        return decisions
+
+    def _stage(
+        self,
+        shape: Host,
+        targets: Mapping[str, int],
+        pools: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    ) -> dict[str, int]:
+        seen = pools.get(shape.name, {})
+        current = {d.name: d.current for d in shape.demands}
+        # A pool that did not answer may still run as many tasks as it was last given.
+        held = {d.name: _held(seen.get(d.name), d.current) for d in shape.demands}
+        staged = stage(targets, current, held, shape.budget)
+        for partition, size in staged.items():
+            self.staged[(shape.name, partition)] = size
+        return staged
 
     def _current(
         self, host: str, partition: str, pool: Mapping[str, Any] | None, initial: int
     ) -> int:
-        # A pool that did not answer (starting, restarting) counts at what it was asked for.
+        # A pool that did not answer (starting, restarting, draining) counts at the size it
+        # was last given.
         if pool is not None:
             return int(pool["slots"])
-        return self.planned.get((host, partition), initial)
+        return self.staged.get((host, partition), initial)
 
 
 def _pools_by_host(
@@ -223,11 +286,11 @@ def _pools_by_host(
     return found
 
 
-def _held(pool: Mapping[str, Any] | None) -> int:
-    # Tasks a pool holds: running, or fetched and about to run.
+def _held(pool: Mapping[str, Any] | None, unknown: int) -> int:
+    # Tasks a pool holds: running, or fetched and about to run, at most one per process.
     if pool is None:
-        return 0
-    return int(pool.get("busy", 0)) + int(pool.get("reserved", 0))
+        return unknown
+    return min(int(pool["size"]), int(pool["busy"]) + int(pool.get("reserved", 0)))
 
 
 def _state(breaker: Mapping[str, Any] | None) -> State | None:

@@ -9,8 +9,9 @@ Rules, in order:
 - every partition with backlog gets one process at least, while the budget allows;
 - what the budget has left after every `min` is shared between the partitions that want
   more, in proportion to their backlog, no partition above what it wants;
-- a busy partition is not shrunk within `cooldown_s` of its last change while the budget
-  has room to keep it, so that a steady load never flaps.
+- a busy partition keeps its size within `cooldown_s` of its last change, so that a steady
+  load, or backlogs trading places, never flap; what that holds back comes out of growth
+  elsewhere, except one process for each partition with backlog.
 
 Invariants, for any input with sum(min) <= budget: min <= target <= max for every
 partition, and sum(target) <= budget.
@@ -112,15 +113,33 @@ def _hold_busy(
     since_change_s: Mapping[str, float],
     cooldown_s: float,
 ) -> None:
-    room = budget - sum(targets.values())
-    for d in sorted(demands, key=lambda d: d.name):
-        shrink = d.current - targets[d.name]
+    # A busy partition within its cooldown keeps its size, so that backlogs trading places
+    # do not move capacity back and forth every step. What the held sizes take beyond the
+    # budget is taken back from growth first (never below one process for a partition with
+    # backlog), then from the held sizes themselves, largest first.
+    ideal = dict(targets)
+    held = set()
+    for d in demands:
         cooling = since_change_s.get(d.name, float("inf")) < cooldown_s
         busy = d.backlog > 0 and not (d.halted or d.probing)
-        if shrink > 0 and cooling and busy and room > 0:
-            kept = min(shrink, room, d.max - targets[d.name])
-            targets[d.name] += kept
-            room -= kept
+        if cooling and busy and targets[d.name] < d.current:
+            targets[d.name] = min(d.current, d.max)
+            held.add(d.name)
+    floors = {
+        d.name: ideal[d.name] if d.name in held else max(d.min, min(d.current, ideal[d.name]),
+                                                         min(1, ideal[d.name]))
+        for d in demands
+    }  # fmt: skip
+    excess = sum(targets.values()) - budget
+    while excess > 0:
+        growing = [
+            d.name for d in demands if d.name not in held and targets[d.name] > floors[d.name]
+        ]
+        keeping = [name for name in held if targets[name] > floors[name]]
+        pool = growing or keeping
+        name = max(pool, key=lambda n: (targets[n] - floors[n], n))
+        targets[name] -= 1
+        excess -= 1
 
 
 def _reasons(demands: Sequence[Demand], targets: dict[str, int], budget: int) -> dict[str, str]:
@@ -160,8 +179,9 @@ def plan_cluster(
 ) -> dict[str, Plan]:
     """A plan per host for the partitions' whole `backlog`, in host name order.
 
-    Each host gets its partitions' `min` whatever the cluster budget says; what is above
-    them is shared within the host's budget and the cluster budget's remainder.
+    Each host gets its partitions' `min` whatever its budget or the cluster budget says
+    (the caller warns of that); what is above them is shared within the host's budget and
+    the cluster budget's remainder.
     """
     ordered = sorted(hosts, key=lambda h: h.name)
     mins = [sum(d.min for d in h.demands) for h in ordered]
@@ -170,9 +190,9 @@ def plan_cluster(
     since = since_change_s or {}
     plans = {}
     for i, host in enumerate(ordered):
-        after = sum(mins[i + 1 :])
-        room = cluster_left - after
-        budget = host.budget if room >= host.budget else max(mins[i], int(room))
+        room = cluster_left - sum(mins[i + 1 :])
+        # The mins always: a host whose budget or share cannot hold them runs them anyway.
+        budget = max(mins[i], int(min(host.budget, room)))
         demands = [replace(d, backlog=left.get(d.name, 0)) for d in host.demands]
         mine = {d.name: since[(host.name, d.name)] for d in demands if (host.name, d.name) in since}
         found = plan(demands, budget, mine, cooldown_s)

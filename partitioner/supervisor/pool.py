@@ -55,6 +55,7 @@ class PoolFigures(TypedDict):
     slots: int
     size: int
     busy: int
+    reserved: int
     draining: bool
     resizable: bool
 
@@ -192,6 +193,7 @@ class PoolControl:
             slots=self.slots,
             size=self.size,
             busy=len(worker_state.active_requests),
+            reserved=self._unaccepted(),
             draining=self.draining,
             resizable=self.resizable,
         )

@@ -54,7 +54,7 @@ class Decision:
         return f"{self.partition}@{self.host} {self.before} -> {self.after}: {self.reason}"
 
 
-Plan = dict[str, dict[str, int]]  # host -> partition -> size
+HostPlans = dict[str, dict[str, int]]  # host -> partition -> size
 
 
 class Record(Protocol):
@@ -64,9 +64,9 @@ class Record(Protocol):
 
     def hosts(self) -> list[HostInfo]: ...
 
-    def set_plan(self, plan: Plan) -> None: ...
+    def set_plan(self, plan: HostPlans, lease: Lease | None) -> bool: ...
 
-    def plan(self) -> Plan: ...
+    def plan(self) -> HostPlans: ...
 
     def add_decisions(self, decisions: Sequence[Decision]) -> None: ...
 
@@ -103,10 +103,15 @@ class RedisRecord:
             self.client.srem(f"{self.prefix}:hosts", *gone)
         return [HostInfo.from_dict(json.loads(raw)) for raw in found if raw is not None]
 
-    def set_plan(self, plan: Plan) -> None:
-        self.client.set(f"{self.prefix}:plan", json.dumps(plan))
+    def set_plan(self, plan: HostPlans, lease: Lease | None) -> bool:
+        """Publish `plan`, only while `lease` is still held; False if it was not."""
+        key, value = f"{self.prefix}:plan", json.dumps(plan)
+        if lease is None:
+            self.client.set(key, value)
+            return True
+        return lease.write_if_held(key, value)
 
-    def plan(self) -> Plan:
+    def plan(self) -> HostPlans:
         raw = self.client.get(f"{self.prefix}:plan")
         return json.loads(raw) if raw else {}
 
@@ -143,7 +148,7 @@ class LocalRecord:
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / STATUS_FILE
         self._host: HostInfo | None = None
-        self._plan: Plan = {}
+        self._plan: HostPlans = {}
         self._decisions: list[Decision] = []
 
     def heartbeat(self, info: HostInfo, ttl_ms: int) -> None:
@@ -154,12 +159,13 @@ class LocalRecord:
     def hosts(self) -> list[HostInfo]:
         return [self._host] if self._host is not None else []
 
-    def set_plan(self, plan: Plan) -> None:
+    def set_plan(self, plan: HostPlans, lease: Lease | None) -> bool:
         if plan != self._plan:
             self._plan = plan
             self._save()
+        return True
 
-    def plan(self) -> Plan:
+    def plan(self) -> HostPlans:
         return self._plan
 
     def add_decisions(self, decisions: Sequence[Decision]) -> None:

@@ -92,6 +92,26 @@ def test_a_steady_load_gives_the_same_plan_again(case: tuple[list[Demand], int])
     assert second.reasons == {}
 
 
+def test_backlogs_trading_places_within_the_cooldown_move_nothing() -> None:
+    first = plan([Demand("a", 0, 4, 1, 11), Demand("b", 0, 4, 1, 9)], budget=4).targets
+    assert first == {"a": 3, "b": 1}
+    sizes = {"a": 3, "b": 1}
+    for backlog_a, backlog_b in [(9, 11), (11, 9), (9, 11)]:
+        demands = [
+            Demand("a", 0, 4, sizes["a"], backlog_a),
+            Demand("b", 0, 4, sizes["b"], backlog_b),
+        ]
+        assert plan(demands, 4, {"a": 0.5, "b": 0.5}, cooldown_s=10).targets == sizes
+    # After the cooldown, capacity follows the backlog again.
+    demands = [Demand("a", 0, 4, 3, 2), Demand("b", 0, 4, 1, 30)]
+    assert plan(demands, 4, {"a": 11.0, "b": 11.0}, cooldown_s=10).targets == {"a": 1, "b": 3}
+
+
+def test_a_new_backlog_gets_a_process_even_while_others_hold_theirs() -> None:
+    demands = [Demand("a", 0, 4, 4, 50), Demand("b", 0, 4, 0, 1)]
+    assert plan(demands, 4, {"a": 1.0}, cooldown_s=10).targets == {"a": 3, "b": 1}
+
+
 def test_capacity_follows_backlog_and_leaves_a_halted_partition() -> None:
     shop = [
         Demand("order", 1, 4, current=1, backlog=0),

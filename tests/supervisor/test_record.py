@@ -74,7 +74,11 @@ def test_hosts_are_those_whose_heartbeat_has_not_expired(record: RedisRecord) ->
 
 
 def test_the_plan_and_the_newest_decisions_are_kept(record: RedisRecord) -> None:
-    record.set_plan({"a": {"mail": 3, "pay": 1}})
+    leader, other = record.lease("a", 5000), record.lease("b", 5000)
+    assert leader.hold()
+    assert record.set_plan({"a": {"mail": 3, "pay": 1}}, leader)
+    # A host that does not hold the lease cannot publish a plan.
+    assert not record.set_plan({"a": {"mail": 0, "pay": 4}}, other)
     assert record.plan() == {"a": {"mail": 3, "pay": 1}}
 
     made = [Decision(float(i), "a", "mail", i, i + 1, f"step {i}") for i in range(60)]
