@@ -59,6 +59,7 @@ from bench.traffic import Sent, burst
 from partitioner import PartitionerError
 from partitioner.app import Partitioner, partitioner_of
 from partitioner.observe import observe
+from partitioner.settings import SupervisorSettings
 from workers import control
 
 log = logging.getLogger("bench.shifting")
@@ -76,7 +77,7 @@ OBSERVE_ERRORS = (PartitionerError, *BROKER_ERRORS)
 
 # The options of the scenarios that watch a Partitioner fleet's pools.
 POOL_OPTIONS: list[Option] = [
-    ("--interval", float, 0.5, "the supervisor's interval_s"),
+    ("--interval", float, SupervisorSettings().interval_s, "the supervisor's interval_s"),
     ("--idle-timeout", float, 15.0, "seconds to wait for the pools to be back at min"),
     ("--loglevel", str, "info", "workers' log level (their output goes to files)"),
 ]

@@ -178,7 +178,7 @@ class Launcher:
                 self._tend()
                 self._guarded(self._reload_if_changed)
                 self._guarded(self._supervise)
-                time.sleep(POLL_INTERVAL_S)
+                time.sleep(self._until_next_tick())
         finally:
             # Warm even when the loop itself failed: running tasks finish.
             if self.supervisor is not None:
@@ -300,6 +300,12 @@ class Launcher:
                     "starting; still restarting it, the other partitions are unaffected",
                     worker.partition.name, worker.failures, STABLE_AFTER_S,
                 )  # fmt: skip
+
+    def _until_next_tick(self) -> float:
+        # Wake for the next control step on time, not at the next poll after it.
+        if not self.partitioner.settings.supervisor.enabled:
+            return POLL_INTERVAL_S
+        return max(0.0, min(POLL_INTERVAL_S, self._next_step - time.monotonic()))
 
     def _guarded(self, step: Callable[[], None]) -> None:
         # The supervisor and the reload are extras: their failure must not stop the workers

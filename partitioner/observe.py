@@ -141,15 +141,35 @@ def waiting_counts(partitioner: Partitioner) -> dict[str, int]:
     partitioner.find_broker()
     counts: dict[str, int] = {}
     try:
-        with app.connection_for_read() as connection:
+        # A pooled connection: the supervisor counts every step.
+        with app.pool.acquire(block=True, timeout=BROKER_TIMEOUT_S) as connection:
             connection.ensure_connection(max_retries=1, timeout=BROKER_TIMEOUT_S)
             channel = connection.default_channel
-            for p in partitioner.topology.partitions:
-                for name in _queues(partitioner, p):
-                    queue = partitioner.queues[name].bind(channel)
-                    counts[name] = int(queue.queue_declare().message_count)
+            names = [n for p in partitioner.topology.partitions for n in _queues(partitioner, p)]
+            if partitioner.broker_is_redis:
+                return _redis_lengths(channel, names)
+            for name in names:
+                queue = partitioner.queues[name].bind(channel)
+                counts[name] = int(queue.queue_declare().message_count)
     except connection_errors(app) as exc:
         raise unreachable(app, exc) from exc
+    return counts
+
+
+def _redis_lengths(channel: Any, names: list[str]) -> dict[str, int]:
+    # What a queue declaration counts on Redis (the lists kombu keeps per priority step),
+    # for every queue in one pipeline: a declaration per queue costs a round trip each, and
+    # the supervisor counts every step.
+    keys = [
+        (name, channel._q_for_pri(name, step)) for name in names for step in channel.priority_steps
+    ]
+    with channel.client.pipeline(transaction=False) as pipe:
+        for _, key in keys:
+            pipe.llen(key)
+        lengths = pipe.execute()
+    counts = dict.fromkeys(names, 0)
+    for (name, _), length in zip(keys, lengths, strict=True):
+        counts[name] += int(length)
     return counts
 
 

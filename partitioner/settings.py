@@ -191,7 +191,7 @@ class SupervisorSettings(BaseModel):
         True, description="Resize pools by backlog; false keeps each at `concurrency`."
     )
     interval_s: PositiveFloat = Field(
-        0.5, description="Seconds between two looks at backlogs and pools. Default 0.5."
+        0.25, description="Seconds between two looks at backlogs and pools. Default 0.25."
     )
     cooldown_s: NonNegativeFloat = Field(
         10.0, description="Seconds a busy partition keeps a size before shrinking. Default 10."

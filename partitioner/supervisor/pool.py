@@ -205,11 +205,13 @@ class PoolControl:
         """
         before = (self.slots, self.size)
         self.target = target
-        if self.resizable:
-            self._reach_size()
+        # Fetching follows the target first: a shrink stops fetching before it waits for
+        # idle processes, and a grow fetches for the standby process while the new ones fork.
         self._retune_prefetch(before[0], self.slots)
         if self.gate.paused != (self.slots == 0):
             self.gate.pause(self.consumer, self.slots == 0)
+        if self.resizable:
+            self._reach_size()
         figures = self.figures()
         if (figures["slots"], figures["size"]) != before or figures["draining"]:
             log.info(
