@@ -60,7 +60,7 @@ from bench.isolation import flush_broker
 from bench.options import Option
 from bench.periods import Change, Phase, Run
 from bench.traffic import Sent
-from partitioner import PartitionerError, attach, load_settings
+from partitioner import PartitionerError, load_settings
 from partitioner.app import partitioner_of
 from partitioner.errors import PartitionOpen
 from partitioner.topology import Topology
@@ -148,16 +148,6 @@ def breaker_env(args: Namespace, enabled: bool) -> dict[str, str]:
     """The variables that set payment's breaker, in the workers and in this process."""
     values = breaker_settings(args) | {"enabled": enabled}
     return {BREAKER_ENV + key.upper(): _env_value(v) for key, v in values.items()}
-
-
-def shop_app(config: Path) -> Celery:
-    """The shop's app with Partitioner attached, by the settings in force now.
-
-    A new app per layout: `workers.app` reads its settings once, when imported.
-    """
-    app = Celery("shop", include=["workers.services"])
-    attach(app, *load_settings(config))
-    return app
 
 
 class TransitionLog:
@@ -252,7 +242,7 @@ def build_fleet(key: str, args: Namespace, workdir: Path) -> Fleet:
     token = layouts.unique_token()
     fleet = layouts.partitioner_fleet(workdir / key, token, args.loglevel)
     title = f"Partitioner, payment's breaker {'on' if LAYOUTS[key] else 'off'}"
-    return replace(fleet, app=shop_app(args.config), title=title)
+    return replace(fleet, app=layouts.partitioner_app(args.config), title=title)
 
 
 def run_layout(key: str, args: Namespace, workdir: Path) -> Run:
