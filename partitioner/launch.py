@@ -48,6 +48,8 @@ BACKOFF_CAP_S = 30.0
 # A worker that ran this long before dying is restarted at once, not after a longer delay.
 STABLE_AFTER_S = 30.0
 POLL_INTERVAL_S = 0.2
+# How long a resize waits for the reply of a worker that has not answered yet.
+NEW_WORKER_REPLY_S = 0.05
 KILL_AFTER_S = 10.0
 PR_SET_PDEATHSIG = 1
 
@@ -366,13 +368,17 @@ class Launcher:
             self._resize(resize)
 
     def _resize(self, targets: dict[str, int]) -> None:
+        by_name = {w.name: w for w in self.workers}
+        # A worker that has never answered may still be starting: its reply is not waited
+        # for long, so that it does not hold up the steps (it is asked again next step).
         timeout_s = min(1.0, self.partitioner.settings.supervisor.interval_s)
+        if any(by_name[name].pool is None for name in targets):
+            timeout_s = min(timeout_s, NEW_WORKER_REPLY_S)
         try:
             answers = send_targets(self.partitioner.app, targets, timeout_s, list(targets))
         except connection_errors(self.partitioner.app) as exc:
             log.warning("cannot reach the workers to resize them: %s", exc)
             return
-        by_name = {w.name: w for w in self.workers}
         for answer in answers:
             worker = by_name.get(answer["worker"])
             if worker is None:
