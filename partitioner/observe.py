@@ -39,10 +39,9 @@ class PartitionObservation:
     max: int
     reserved: int = 0
     running: int = 0
-    # The tasks the partition's workers may hold and run now, summed (their `slots`).
-    concurrency: int = 0
     workers: list[str] = field(default_factory=list)
     breaker: dict[str, Any] | None = None
+    # The tasks the partition's workers may hold and run now, summed.
     slots: int = 0
     # Live pool processes (threads: thread limits), summed.
     size: int = 0
@@ -50,6 +49,11 @@ class PartitionObservation:
     runtime_s: float | None = None
     # Each worker's pool, as it replies to the resize command.
     pools: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def concurrency(self) -> int:
+        """The partition's concurrency now: its workers' slots."""
+        return self.slots
 
     @property
     def waiting(self) -> int:
@@ -63,7 +67,8 @@ class PartitionObservation:
 
     def as_dict(self) -> dict[str, Any]:
         """The figures as plain data, for `status --json`."""
-        return asdict(self) | {"waiting": self.waiting, "backlog": self.backlog}
+        derived = {"concurrency": self.concurrency, "waiting": self.waiting}
+        return asdict(self) | derived | {"backlog": self.backlog}
 
 
 def observe(
@@ -94,11 +99,8 @@ def observe(
         found.workers.append(str(report["worker"]))
         found.reserved += sum(report["reserved"].values())
         found.running += sum(report["running"].values())
-        # A worker of an older release replies with `concurrency` alone.
-        slots = int(report.get("slots", report["concurrency"]))
-        found.slots += slots
-        found.concurrency += slots
-        found.size += int(report.get("size", slots))
+        found.slots += int(report["slots"])
+        found.size += int(report["size"])
         if report.get("pool"):
             found.pools.append(report["pool"])
         if report.get("runtime_s") is not None:
@@ -213,10 +215,9 @@ def _report(state: Any, **kwargs: Any) -> dict[str, Any]:
         # A worker without the pool step: its pool as Celery sees it.
         info = state.consumer.pool.info if state.consumer.pool is not None else {}
         size = len(info.get("processes", ())) or int(info.get("max-concurrency", 0))
-        return report | {"concurrency": size, "slots": size, "size": size}
+        return report | {"slots": size, "size": size}
     figures = control.figures()
     return report | {
-        "concurrency": figures["slots"],
         "slots": figures["slots"],
         "size": figures["size"],
         "runtime_s": control.runtimes.mean_s,

@@ -24,7 +24,14 @@ from partitioner.breaker.machine import State
 from partitioner.errors import BrokerError
 from partitioner.observe import PartitionObservation, observe
 from partitioner.supervisor.plan import Demand, Host, plan_cluster, stage, why
-from partitioner.supervisor.record import Decision, HostInfo, LocalRecord, Record, RedisRecord
+from partitioner.supervisor.record import (
+    Decision,
+    HostInfo,
+    HostPlans,
+    LocalRecord,
+    Record,
+    RedisRecord,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +123,9 @@ class Supervisor:
             self.record.heartbeat(
                 HostInfo(self.host, budget, pools.workers, pools.degraded), self._lease_ms
             )
-            if self._lead():
-                self._plan(now)
-            mine = self.record.plan().get(self.host)
+            # The leader applies what it planned; the others read it.
+            plan = self._plan(now) if self._lead() else self.record.plan()
+            mine = plan.get(self.host)
         except (redis.RedisError, BrokerError) as exc:
             self._fail(exc, now)
             return None
@@ -161,7 +168,7 @@ class Supervisor:
         self.leading = leading
         return leading
 
-    def _plan(self, now: float) -> None:
+    def _plan(self, now: float) -> HostPlans:
         settings = self.partitioner.settings
         hosts = {h.name: h for h in self.record.hosts()}
         expected = sum(len(h.workers) for h in hosts.values())
@@ -184,6 +191,8 @@ class Supervisor:
         self.record.add_decisions(decisions)
         if not self.record.set_plan(staged, self.lease):
             log.warning("supervisor: %s lost the lead while planning; plan dropped", self.host)
+            return self.record.plan()
+        return staged
 
     def _shapes(
         self,
@@ -290,7 +299,7 @@ def _held(pool: Mapping[str, Any] | None, unknown: int) -> int:
     # Tasks a pool holds: running, or fetched and about to run, at most one per process.
     if pool is None:
         return unknown
-    return min(int(pool["size"]), int(pool["busy"]) + int(pool.get("reserved", 0)))
+    return min(int(pool["size"]), int(pool["busy"]) + int(pool["reserved"]))
 
 
 def _state(breaker: Mapping[str, Any] | None) -> State | None:
